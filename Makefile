@@ -1,0 +1,43 @@
+# rekey — see README.md. `make demo` and `make test` are the two entry points.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: help demo test testenv lint unit integration crds crds-check cluster cluster-down build clean-testenv
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+demo: testenv build ## start the local cluster, run the operator and a full rotation
+	./scripts/demo.sh
+
+test: testenv lint unit integration ## rustfmt, clippy, unit and integration tests (builds the environment first)
+
+testenv: ## build etcd, kube-*, kwok, ESO into ~/.cache/rekey (seconds when cached)
+	./testenv/build.sh
+
+build:
+	$(CARGO) build --locked --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --locked --lib --bins
+
+integration: testenv
+	$(CARGO) test --locked --tests -- --test-threads=4
+
+crds: ## regenerate crds/ from the Rust types
+	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml
+
+cluster: testenv ## start the environment in the background; writes .cluster/kubeconfig and .cluster/env
+	./scripts/cluster.sh up
+
+cluster-down: ## stop the background environment, leave no process
+	./scripts/cluster.sh down
+
+clean-testenv: ## delete the cached environment binaries
+	rm -rf $${REKEY_CACHE_DIR:-$$HOME/.cache/rekey}

@@ -1,0 +1,525 @@
+//! The `SecretRotation` custom resource (rekey.dev/v1alpha1).
+//!
+//! `///` comments on fields are user documentation: they become the CRD's
+//! descriptions and show in `kubectl explain`. Developer notes use `//`.
+//! Every rule that needs no cluster lookup is a CEL rule in the schema.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A SecretRotation rotates one credential end to end: it obtains a new value,
+/// writes it to every target store, proves that External Secrets Operator
+/// synced it and that the workloads rolled out on it, and only then
+/// invalidates the old value.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "rekey.dev",
+    version = "v1alpha1",
+    kind = "SecretRotation",
+    namespaced,
+    status = "SecretRotationStatus",
+    shortname = "srot",
+    category = "rekey",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Last Rotation", type_ = "date", json_path = ".status.lastRotation.finishedAt"),
+    printcolumn(name = "Last Result", type_ = "string", json_path = ".status.lastRotation.result"),
+    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationAt"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(
+    validation = Rule::new("(has(self.proof.nothingToProve) && self.proof.nothingToProve) || (has(self.proof.externalSecrets) && size(self.proof.externalSecrets) > 0) || (has(self.proof.workloads) && size(self.proof.workloads) > 0)")
+        .message("proof must name at least one ExternalSecret or workload; set proof.nothingToProve: true to rotate without proof"),
+    validation = Rule::new("!has(self.proof.nothingToProve) || !self.proof.nothingToProve || ((!has(self.proof.externalSecrets) || size(self.proof.externalSecrets) == 0) && (!has(self.proof.workloads) || size(self.proof.workloads) == 0))")
+        .message("proof.nothingToProve: true cannot be combined with externalSecrets or workloads"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRotationSpec {
+    /// Where a new value comes from, and where the old value is invalidated.
+    /// Exactly one source must be set.
+    pub credential: CredentialSource,
+
+    /// How long the identity provider keeps the old value valid after a new one
+    /// was issued (its grace window), as a duration such as `30m` or `2h`.
+    /// rekey must prove the rollout inside this window; it warns loudly
+    /// (Warning Event, `GraceWindowAtRisk` condition) when proof is not reached
+    /// with a margin of 20% of the window. Between 1m and 720h.
+    #[serde(default = "default_old_value_valid_for")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('720h')")
+        .message("oldValueValidFor must be a duration between 1m and 720h, e.g. 30m"))]
+    pub old_value_valid_for: String,
+
+    /// Every store that must hold the new value, e.g. one Secrets Manager
+    /// instance per environment. All are written in the Writing phase.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u.name == t.name))")
+        .message("target names must be unique"))]
+    pub targets: Vec<Target>,
+
+    /// What must be observed before the old value is invalidated.
+    pub proof: Proof,
+
+    /// Optional periodic rotation, by fixed interval or cron expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+
+    /// Any change of this string requests a rotation (GitOps: commit a new
+    /// change-request number here). The first value does not trigger one by
+    /// itself; creating the resource does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub trigger: Option<String>,
+
+    /// An optional approval gate. When `required`, every rotation waits in
+    /// phase `AwaitingApproval` until someone sets the annotation
+    /// `rekey.dev/approve` to the rotation id shown in `status.rotation.id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+
+    /// What to do when a rotation fails before the old value was invalidated.
+    /// `Hold` (default) leaves every store as it is and reports the failure;
+    /// `Rollback` writes the previous value back to every target and proves
+    /// that ESO synced it again. The old value stays valid either way.
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+
+    /// Stop after Preflight: check everything, change nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+fn default_old_value_valid_for() -> String {
+    "30m".into()
+}
+
+/// Where new values come from. Exactly one of the fields must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.generated), has(self.webhook), has(self.manual)].filter(x, x).size() == 1")
+    .message("credential must set exactly one of generated, webhook, manual"))]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialSource {
+    /// rekey generates the value itself (CSPRNG). There is no upstream
+    /// identity provider, so there is nothing to invalidate at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<GeneratedSource>,
+    /// An HTTP service issues new values and invalidates old ones. See
+    /// docs/sources/webhook.md for the JSON contract.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSource>,
+    /// A person supplies the new value in a Secret, and at the end confirms
+    /// that the old value was invalidated at the identity provider by setting
+    /// the annotation `rekey.dev/confirm-invalidated` to the rotation id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<ManualSource>,
+}
+
+/// A value generated by rekey.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GeneratedSource {
+    /// Number of characters, 16 to 256.
+    #[serde(default = "default_length")]
+    #[schemars(range(min = 16, max = 256))]
+    pub length: u32,
+    /// Characters to draw from.
+    #[serde(default)]
+    pub alphabet: Alphabet,
+}
+
+fn default_length() -> u32 {
+    48
+}
+
+/// Character set of a generated value.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Alphabet {
+    /// A-Z, a-z, 0-9.
+    #[default]
+    Alphanumeric,
+    /// 0-9, a-f.
+    Hex,
+    /// URL-safe base64 characters: A-Z, a-z, 0-9, `-` and `_`.
+    Base64Url,
+}
+
+/// A credential issued and invalidated through HTTP calls.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSource {
+    /// URL that issues a new value: rekey POSTs
+    /// `{"rotationId": "...", "namespace": "...", "name": "..."}` with header
+    /// `Idempotency-Key: <rotationId>` and expects `{"value": "..."}`. The same
+    /// rotation id must return the same value.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("issueUrl must be an http(s) URL"))]
+    pub issue_url: String,
+    /// URL that invalidates the old value: rekey POSTs the same body, once the
+    /// proof is complete, and treats any 2xx as done.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("invalidateUrl must be an http(s) URL"))]
+    pub invalidate_url: String,
+    /// Optional Secret (same namespace) whose key holds a bearer token sent as
+    /// `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A value supplied by a person.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManualSource {
+    /// The Secret (same namespace) and key where the person puts the new value
+    /// before requesting the rotation.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// A key in a Secret in the namespace of the SecretRotation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A store that must hold the new value. Exactly one store kind must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.kubernetesSecret)].filter(x, x).size() == 1")
+    .message("each target must set exactly one store kind (kubernetesSecret)"))]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// Name of the target, unique in this SecretRotation, e.g. `dev-stage` or
+    /// `prod`. Shown in status and Events.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// A Kubernetes Secret, e.g. one that ESO's kubernetes provider reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_secret: Option<KubernetesSecretTarget>,
+}
+
+/// A key in a Kubernetes Secret that rekey writes (and creates if missing).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesSecretTarget {
+    /// Namespace of the Secret; defaults to the SecretRotation's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub namespace: Option<String>,
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key that holds the value.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// What must be observed before the old value is invalidated.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Proof {
+    /// ExternalSecrets (external-secrets.io/v1, same namespace) that must
+    /// deliver the new value. rekey requests a refresh of each and waits until
+    /// it is Ready and its target Secret's key holds the new value.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub external_secrets: Vec<ExternalSecretProof>,
+    /// Workloads (same namespace) that must run on the new value: their
+    /// rollout must complete after the sync.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub workloads: Vec<WorkloadRef>,
+    /// Who restarts the workloads. `Trigger` (default): rekey stamps each pod
+    /// template with the rotation id (one rollout per rotation). `Await`:
+    /// something else restarts them (e.g. Reloader); rekey waits for it.
+    #[serde(default)]
+    pub restart: RestartMode,
+    /// How long each wait (sync, rollout) may take before the rotation fails,
+    /// as a duration between 10s and 24h. Default 20m.
+    #[serde(default = "default_proof_timeout")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')")
+        .message("proof.timeout must be a duration between 10s and 24h, e.g. 20m"))]
+    pub timeout: String,
+    /// Set to true to rotate without any proof (nothing consumes the value
+    /// through ESO or a workload). The old value is then invalidated right
+    /// after the targets were written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nothing_to_prove: bool,
+}
+
+fn default_proof_timeout() -> String {
+    "20m".into()
+}
+
+/// An ExternalSecret whose synced Secret must hold the new value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalSecretProof {
+    /// Name of the ExternalSecret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the ExternalSecret's target Secret that must hold the new value.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A workload that must roll out on the new value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// Kind of the workload.
+    pub kind: WorkloadKind,
+    /// Name of the workload.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Kinds of workloads rekey can restart and watch.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+/// Who restarts the workloads.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RestartMode {
+    /// rekey stamps the pod template with the rotation id.
+    #[default]
+    Trigger,
+    /// rekey waits for another restarter.
+    Await,
+}
+
+/// Periodic rotation. Exactly one of `every` and `cron` must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.every) != has(self.cron)").message("schedule must set exactly one of every, cron"))]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// Rotate this long after the last rotation finished, e.g. `2160h` (90
+    /// days). Between 1m and 8760h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('8760h')")
+        .message("schedule.every must be a duration between 1m and 8760h, e.g. 2160h"))]
+    pub every: Option<String>,
+    /// A cron expression in UTC with five fields, e.g. `0 3 1 */3 *`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 9, max = 128))]
+    #[x_kube(validation = Rule::new("self.split(' ').filter(f, f != '').size() == 5")
+        .message("schedule.cron must have five fields: minute hour day-of-month month day-of-week"))]
+    pub cron: Option<String>,
+}
+
+/// Approval gate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    /// When true, each rotation waits for the annotation
+    /// `rekey.dev/approve: <rotation id>` before changing anything.
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// What to do when a rotation fails.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Leave every store as it is; the old value stays valid.
+    #[default]
+    Hold,
+    /// Write the previous value back to every target and prove the sync.
+    Rollback,
+}
+
+/// Observed state. Never holds a secret value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRotationStatus {
+    /// Phase of the current rotation, or the result of the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The rotation in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationStatus>,
+    /// Summary of the last finished rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<RotationSummary>,
+    /// When the schedule requests the next rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+    /// The last rotations, newest first (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RotationSummary>,
+    /// The `spec.trigger` value the last rotation served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_trigger: Option<String>,
+    /// The `rekey.dev/rotate` annotation value the last rotation served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_rotate_request: Option<String>,
+    /// A request that arrived during the current rotation; served after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_request: Option<String>,
+    /// `Ready`: the credential is rotated and proven (False after a failure).
+    /// `Rotating`: a rotation is in progress (reason: its phase).
+    /// `GraceWindowAtRisk`: proof is late relative to `oldValueValidFor`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Phases of a rotation, in order.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Requested; waiting to start.
+    Pending,
+    /// Waiting for the `rekey.dev/approve` annotation.
+    AwaitingApproval,
+    /// Checking everything that can be checked without changing anything.
+    Preflight,
+    /// Obtaining the new value; the old one stays valid.
+    Issuing,
+    /// Writing the new value to every target.
+    Writing,
+    /// Waiting for ESO to sync the new value into each ExternalSecret's Secret.
+    AwaitingSync,
+    /// Waiting for every workload to roll out on the new value.
+    AwaitingRollout,
+    /// Proving the new value works at the identity provider.
+    Verifying,
+    /// Invalidating the old value.
+    Invalidating,
+    /// Waiting for a person to confirm that the old value was invalidated.
+    AwaitingConfirmation,
+    /// Writing the previous value back after a failure (onFailure: Rollback).
+    RollingBack,
+    /// Every proof observed and the old value invalidated.
+    Succeeded,
+    /// The rotation stopped; the old value was not invalidated.
+    Failed,
+    /// A dry run finished its Preflight checks.
+    DryRunSucceeded,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::DryRunSucceeded)
+    }
+}
+
+/// The rotation in progress.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    /// Unique id of this rotation; used as idempotency key everywhere.
+    pub id: String,
+    /// Why it started: Created, TriggerChanged, Schedule, OnDemand.
+    pub reason: String,
+    /// `spec.trigger` when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// The `rekey.dev/rotate` annotation when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// When it was requested.
+    pub requested_at: Option<Time>,
+    /// When the current phase started.
+    pub phase_started_at: Option<Time>,
+    /// Phases already left, with their durations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTiming>,
+    /// When the new value was issued: the identity provider's grace clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// When the old value stops being valid at the identity provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_value_valid_until: Option<Time>,
+    /// Versions written to each target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetStatus>,
+    /// Workload generations seen before the refresh request (Await mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workload_baselines: Vec<WorkloadBaseline>,
+    /// When every ExternalSecret held the new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_at: Option<Time>,
+    /// When every workload had rolled out on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_out_at: Option<Time>,
+    /// Set when the rotation is failing: the reason (CamelCase) and a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Whether a GraceWindowAtRisk warning was emitted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grace_warned: bool,
+}
+
+/// Time spent in one phase.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    /// Seconds spent in the phase.
+    pub seconds: f64,
+}
+
+/// What was written to one target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    pub name: String,
+    /// Version id in the store (never the value).
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_at: Option<Time>,
+}
+
+/// A workload's generation before the refresh request.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadBaseline {
+    pub kind: WorkloadKind,
+    pub name: String,
+    pub generation: i64,
+}
+
+/// Why a rotation failed. The message is built from fixed text and object
+/// names; it never contains a value or a provider's response body.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+    /// The phase in which it failed.
+    pub phase: Phase,
+}
+
+/// A finished rotation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSummary {
+    pub id: String,
+    /// Succeeded, Failed or DryRunSucceeded.
+    pub result: Phase,
+    /// Why it started.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    pub started_at: Option<Time>,
+    pub finished_at: Option<Time>,
+    pub duration_seconds: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTiming>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetStatus>,
+    /// Whether the previous value was written back (onFailure: Rollback).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
+}

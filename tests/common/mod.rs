@@ -1,0 +1,94 @@
+//! Shared by every integration test binary: one real cluster per binary,
+//! a fresh namespace per test, and small wait helpers.
+#![allow(dead_code)]
+
+pub mod cluster;
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+pub use cluster::{Cluster, Options};
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The cluster of this test binary, started on first use with `opts`
+/// (later callers share it). Startup runs on its own thread so it can be
+/// called from inside any test's runtime.
+pub fn cluster_with(opts: Options) -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        std::thread::spawn(move || {
+            let bin = std::env::current_exe().unwrap();
+            let name = bin.file_name().unwrap().to_string_lossy().into_owned();
+            let dir = cluster::repo_root()
+                .join("target/testenv-runs")
+                .join(format!("{name}-{}", std::process::id()));
+            Cluster::start(&dir, &opts).unwrap_or_else(|e| panic!("test environment failed to start: {e:#}"))
+        })
+        .join()
+        .expect("cluster start thread")
+    })
+}
+
+pub fn cluster() -> &'static Cluster {
+    cluster_with(Options::default())
+}
+
+/// A client for the current test's runtime.
+pub async fn client_for(c: &Cluster) -> Client {
+    let kc = Kubeconfig::read_from(&c.kubeconfig).unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// Creates a namespace named after the test with a unique suffix.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let name = format!("{}-{suffix}", prefix.replace('_', "-"));
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {"rekey.dev/test": "true"}}
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+    // Pods are refused until the ServiceAccount controller made `default`.
+    let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
+    wait_for("default ServiceAccount", Duration::from_secs(30), || async {
+        sa.get_opt("default").await.ok().flatten().is_some()
+    })
+    .await;
+    name
+}
+
+/// Polls `check` every 200 ms until it returns true; panics after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A random value that must never show up in logs, Events or status.
+pub fn canary(tag: &str) -> String {
+    use rand::RngExt;
+    let s: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    format!("canary-{tag}-{s}")
+}

@@ -1,0 +1,31 @@
+//! `make cluster`: starts the test environment in the foreground of this
+//! process (scripts/cluster.sh puts it in the background) and writes
+//! `.cluster/kubeconfig` and `.cluster/env`. Killing this process stops every
+//! component: its watchdog reaps the whole process group.
+
+#[path = "cluster.rs"]
+mod cluster;
+
+use std::fs;
+
+fn main() -> anyhow::Result<()> {
+    let repo = cluster::repo_root();
+    let dir = repo.join(".cluster");
+    let state = dir.join("state");
+    let _ = fs::remove_dir_all(&state);
+    let c = cluster::Cluster::start(&state, &cluster::Options::default())?;
+    fs::copy(&c.kubeconfig, dir.join("kubeconfig"))?;
+    fs::write(
+        dir.join("env"),
+        format!(
+            "# source this file: . .cluster/env\nexport KUBECONFIG={kc}\nexport PATH={bin}:$PATH\n",
+            kc = dir.join("kubeconfig").display(),
+            bin = c.bins.kube_bin.display()
+        ),
+    )?;
+    fs::write(dir.join("ready"), &c.api_url)?;
+    println!("cluster ready at {}", c.api_url);
+    loop {
+        std::thread::park();
+    }
+}
