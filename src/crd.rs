@@ -522,4 +522,8 @@ pub struct RotationSummary {
     /// Whether the previous value was written back (onFailure: Rollback).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rolled_back: bool,
+    /// Whether the rotation ended after the old value's grace window: the old
+    /// value may have died before the proof was complete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grace_exceeded: bool,
 }

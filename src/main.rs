@@ -1,4 +1,7 @@
 #![forbid(unsafe_code)]
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 
@@ -13,12 +16,50 @@ struct Cli {
 enum Command {
     /// Print the SecretRotation CRD as YAML.
     Crd,
+    /// Run the controller (uses KUBECONFIG or the in-cluster service account).
+    Run {
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, env = "REKEY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: SocketAddr,
+        /// Watch only these namespaces (comma-separated); empty: the whole cluster.
+        #[arg(long, env = "REKEY_NAMESPACES", value_delimiter = ',')]
+        namespaces: Vec<String>,
+        /// How often waits poll, e.g. 2s.
+        #[arg(long, env = "REKEY_POLL", default_value = "2s", value_parser = parse_duration)]
+        poll: Duration,
+        /// Log format: text or json.
+        #[arg(long, env = "REKEY_LOG_FORMAT", default_value = "text")]
+        log_format: String,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    rekey::duration::parse(s).ok_or_else(|| format!("not a duration: {s}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    rekey::install_crypto_provider();
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&rekey::crd::SecretRotation::crd())?);
+        }
+        Command::Run { metrics_addr, namespaces, poll, log_format } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+            if log_format == "json" {
+                tracing_subscriber::fmt().json().with_env_filter(filter).init();
+            } else {
+                tracing_subscriber::fmt().with_env_filter(filter).init();
+            }
+            let client = kube::Client::try_default().await?;
+            let metrics = rekey::metrics::Metrics::new();
+            let ctx = rekey::controller::Context::new(client, metrics.clone(), poll);
+            tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
+            tokio::select! {
+                r = rekey::server::serve(metrics_addr, metrics) => r?,
+                _ = rekey::controller::run(ctx, namespaces) => {},
+            }
         }
     }
     Ok(())

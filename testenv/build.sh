@@ -73,6 +73,18 @@ build_kube() {
   )
 }
 
+# kwok ships its default behaviours ("stages") as YAML beside its code, not in
+# the binary: collect the fast node and pod stages from the module cache.
+build_kwok_stages() {
+  local out="$1" src
+  src="$(cd "$here/go" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"
+    cat "$src/$f"
+  done > "$out/kwok-stages.yaml"
+}
+
 build_eso() {
   local out="$1"
   (
@@ -87,15 +99,16 @@ build_eso() {
 }
 
 want=("$@")
-[[ ${#want[@]} -gt 0 ]] || want=(kube eso)
+[[ ${#want[@]} -gt 0 ]] || want=(kube kwok-stages eso)
 
 mkdir -p "$cache_root" "$repo/target"
 envfile="$repo/target/testenv.env"
 declare -A dirs=()
 for c in "${want[@]}"; do
   case "$c" in
-    kube) dirs[kube]="$(component kube "$(key "$here/versions.env" "$here/go/go.mod" "$here/go/go.sum" "$here/go/cmd/kube/main.go" "$here/build.sh")" build_kube)" ;;
-    eso)  dirs[eso]="$(component eso "$(key "$ESO_VERSION" "$here/eso/go.mod" "$here/eso/go.sum" "$here/build.sh")" build_eso)" ;;
+    kube) dirs[kube]="$(component kube "$(key "$K8S_VERSION $ETCD_VERSION $KWOK_VERSION" "$here/go/go.mod" "$here/go/go.sum" "$here/go/cmd/kube/main.go" "$(declare -f build_kube)")" build_kube)" ;;
+    kwok-stages) dirs[kwok-stages]="$(component kwok-stages "$(key "$KWOK_VERSION" "$(declare -f build_kwok_stages)")" build_kwok_stages)" ;;
+    eso)  dirs[eso]="$(component eso "$(key "$ESO_VERSION" "$here/eso/go.mod" "$here/eso/go.sum" "$(declare -f build_eso)")" build_eso)" ;;
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
 done
@@ -103,6 +116,7 @@ done
 {
   echo "# Written by testenv/build.sh; absolute paths of the test environment's parts."
   [[ -n "${dirs[kube]:-}" ]] && echo "REKEY_KUBE_BIN=${dirs[kube]}/bin"
+  [[ -n "${dirs[kwok-stages]:-}" ]] && echo "REKEY_KWOK_STAGES=${dirs[kwok-stages]}/kwok-stages.yaml"
   [[ -n "${dirs[eso]:-}" ]] && echo "REKEY_ESO_BIN=${dirs[eso]}/bin/external-secrets" && echo "REKEY_ESO_CRDS=${dirs[eso]}/crds/bundle.yaml"
   echo "REKEY_K8S_VERSION=${K8S_VERSION}"
 } > "$envfile"

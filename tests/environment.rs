@@ -28,9 +28,9 @@ fn deployment(name: &str, replicas: i32) -> Deployment {
 }
 
 fn fully_rolled_out(d: &Deployment, want: i32) -> bool {
-    let gen = d.metadata.generation.unwrap_or(0);
+    let generation = d.metadata.generation.unwrap_or(0);
     let Some(s) = &d.status else { return false };
-    s.observed_generation.unwrap_or(0) >= gen
+    s.observed_generation.unwrap_or(0) >= generation
         && s.replicas == Some(want)
         && s.updated_replicas == Some(want)
         && s.ready_replicas == Some(want)

@@ -29,6 +29,7 @@ pub struct Binaries {
     pub kube_bin: PathBuf,
     pub eso: PathBuf,
     pub eso_crds: PathBuf,
+    pub kwok_stages: PathBuf,
     pub all: HashMap<String, String>,
 }
 
@@ -62,6 +63,7 @@ impl Binaries {
             kube_bin: get("REKEY_KUBE_BIN")?,
             eso: get("REKEY_ESO_BIN")?,
             eso_crds: get("REKEY_ESO_CRDS")?,
+            kwok_stages: get("REKEY_KWOK_STAGES")?,
             all,
         })
     }
@@ -179,6 +181,7 @@ impl Cluster {
     pub fn start(dir: &Path, opts: &Options) -> Result<Cluster> {
         let started = Instant::now();
         let bins = Binaries::load(&repo_root())?;
+        let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let pki_dir = dir.join("pki");
@@ -249,7 +252,9 @@ impl Cluster {
                 "--etcd-prefix=/registry".into(),
                 format!("--secure-port={}", ports["apiserver"]),
                 "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
+                // Only in-cluster clients would dial it; none run here. A
+                // loopback address is refused for the kubernetes Endpoints.
+                "--advertise-address=192.0.2.1".into(),
                 format!("--tls-cert-file={}", p("apiserver.crt")),
                 format!("--tls-private-key-file={}", p("apiserver.key")),
                 format!("--client-ca-file={}", p("ca.crt")),
@@ -283,7 +288,7 @@ impl Cluster {
                 format!("--service-account-private-key-file={}", p("sa.key")),
                 "--use-service-account-credentials=false".into(),
                 "--leader-elect=false".into(),
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle".into(),
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle".into(),
                 "--kube-api-qps=500".into(),
                 "--kube-api-burst=1000".into(),
                 "--concurrent-deployment-syncs=10".into(),
@@ -313,6 +318,7 @@ impl Cluster {
             &cluster.bins.kube_bin.join("kwok"),
             &[
                 format!("--kubeconfig={kc}"),
+                format!("--config={}", cluster.bins.kwok_stages.display()),
                 "--manage-all-nodes=false".into(),
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
                 "--manage-nodes-with-label-selector=".into(),
@@ -366,14 +372,16 @@ impl Cluster {
     /// pipe from this process). EOF means this process is gone: it then kills
     /// the group, which holds every component.
     fn start_watchdog(&mut self) -> Result<()> {
+        // `kill 0` signals the caller's own process group (portable to dash,
+        // whose kill has no `--`).
         let script = r#"trap '' INT TERM HUP
 read -r _
-kill -TERM -- -$$ 2>/dev/null
+kill -TERM 0
 for _ in 1 2 3 4 5 6 7 8 9 10; do
   sleep 0.5
-  [ "$(ps -o pid= -g $$ | wc -l)" -le 2 ] && break
+  [ "$(pgrep -g $$ | wc -l)" -le 2 ] && break
 done
-kill -KILL -- -$$ 2>/dev/null"#;
+kill -KILL 0"#;
         let mut child = Command::new("/bin/sh")
             .arg("-c")
             .arg(script)

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fixtures;
+pub mod operator;
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -15,24 +17,30 @@ use kube::{Client, Config};
 
 pub use cluster::{Cluster, Options};
 
-static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+// A failed start is kept too: every test then fails with its message instead
+// of starting the environment again.
+static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
 /// The cluster of this test binary, started on first use with `opts`
 /// (later callers share it). Startup runs on its own thread so it can be
 /// called from inside any test's runtime.
 pub fn cluster_with(opts: Options) -> &'static Cluster {
-    CLUSTER.get_or_init(|| {
+    let started = CLUSTER.get_or_init(|| {
         std::thread::spawn(move || {
             let bin = std::env::current_exe().unwrap();
             let name = bin.file_name().unwrap().to_string_lossy().into_owned();
             let dir = cluster::repo_root()
                 .join("target/testenv-runs")
                 .join(format!("{name}-{}", std::process::id()));
-            Cluster::start(&dir, &opts).unwrap_or_else(|e| panic!("test environment failed to start: {e:#}"))
+            Cluster::start(&dir, &opts).map_err(|e| format!("{e:#}"))
         })
         .join()
-        .expect("cluster start thread")
-    })
+        .unwrap_or_else(|_| Err("the cluster start thread panicked".into()))
+    });
+    match started {
+        Ok(c) => c,
+        Err(e) => panic!("test environment failed to start: {e}"),
+    }
 }
 
 pub fn cluster() -> &'static Cluster {
@@ -41,6 +49,7 @@ pub fn cluster() -> &'static Cluster {
 
 /// A client for the current test's runtime.
 pub async fn client_for(c: &Cluster) -> Client {
+    rekey::install_crypto_provider();
     let kc = Kubeconfig::read_from(&c.kubeconfig).unwrap();
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
     Client::try_from(config).unwrap()

@@ -1,0 +1,306 @@
+//! Pure decisions: should a rotation start, when is the next one due, is a
+//! rollout complete, is the grace window at risk. No I/O; the clock is an
+//! argument. The controller applies what these functions compute.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::crd::{Schedule, SecretRotationSpec, SecretRotationStatus};
+use crate::duration;
+
+/// Annotation a person (or `kubectl rekey rotate`) sets to request a rotation
+/// now; any new value is a new request.
+pub const ROTATE_ANNOTATION: &str = "rekey.dev/rotate";
+/// Annotation that approves the rotation whose id it holds.
+pub const APPROVE_ANNOTATION: &str = "rekey.dev/approve";
+/// Annotation confirming that the old value was invalidated by hand (manual source).
+pub const CONFIRM_ANNOTATION: &str = "rekey.dev/confirm-invalidated";
+
+/// Why a rotation starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// The SecretRotation was created and has never rotated.
+    Created,
+    /// `spec.trigger` changed (e.g. a new change request committed to Git).
+    TriggerChanged,
+    /// The `rekey.dev/rotate` annotation holds a new value.
+    OnDemand,
+    /// The schedule is due.
+    Schedule,
+}
+
+impl Request {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Request::Created => "Created",
+            Request::TriggerChanged => "TriggerChanged",
+            Request::OnDemand => "OnDemand",
+            Request::Schedule => "Schedule",
+        }
+    }
+}
+
+/// What a finished (or starting) rotation consumed: the request state it served.
+pub struct Served<'a> {
+    pub trigger: Option<&'a str>,
+    pub rotate_request: Option<&'a str>,
+    pub ever_rotated: bool,
+    pub next_rotation_at: Option<Timestamp>,
+}
+
+impl<'a> Served<'a> {
+    pub fn from_status(status: &'a SecretRotationStatus) -> Self {
+        Served {
+            trigger: status.observed_trigger.as_deref(),
+            rotate_request: status.observed_rotate_request.as_deref(),
+            ever_rotated: status.last_rotation.is_some(),
+            next_rotation_at: status.next_rotation_at.as_ref().map(|t| t.0),
+        }
+    }
+}
+
+/// The ordered chain of checks deciding whether a rotation is requested.
+/// Each check is independent; the first that fires names the request.
+pub fn rotation_request(
+    spec: &SecretRotationSpec,
+    served: &Served<'_>,
+    annotations: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> Option<Request> {
+    if !served.ever_rotated {
+        return Some(Request::Created);
+    }
+    if spec.trigger.as_deref() != served.trigger {
+        return Some(Request::TriggerChanged);
+    }
+    if let Some(asked) = annotations.get(ROTATE_ANNOTATION)
+        && Some(asked.as_str()) != served.rotate_request
+    {
+        return Some(Request::OnDemand);
+    }
+    if spec.schedule.is_some()
+        && let Some(due) = served.next_rotation_at
+        && due <= now
+    {
+        return Some(Request::Schedule);
+    }
+    None
+}
+
+/// When the schedule requests the next rotation after one finished at `after`.
+pub fn next_rotation_at(schedule: Option<&Schedule>, after: Timestamp) -> Option<Timestamp> {
+    let schedule = schedule?;
+    if let Some(every) = schedule.every.as_deref() {
+        let d = duration::parse(every)?;
+        return after.checked_add(jiff::SignedDuration::try_from(d).ok()?).ok();
+    }
+    let cron = schedule.cron.as_deref()?;
+    next_cron(cron, after)
+}
+
+/// The first time strictly after `after` matching a five-field cron expression (UTC).
+pub fn next_cron(expr: &str, after: Timestamp) -> Option<Timestamp> {
+    let cron = expr.parse::<croner::Cron>().ok()?;
+    let after = after.to_zoned(jiff::tz::TimeZone::UTC);
+    let next = cron.find_next_occurrence(&after, false).ok()?;
+    Some(next.timestamp())
+}
+
+/// Whether a cron expression parses.
+pub fn cron_is_valid(expr: &str) -> bool {
+    expr.parse::<croner::Cron>().is_ok()
+}
+
+/// Rollout counters of a Deployment, StatefulSet or DaemonSet, normalised.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RolloutFacts {
+    pub generation: i64,
+    pub observed_generation: i64,
+    /// Desired pods.
+    pub desired: i32,
+    /// Pods in total (old and new revisions).
+    pub current: i32,
+    /// Pods of the newest revision.
+    pub updated: i32,
+    pub ready: i32,
+    pub available: i32,
+    /// StatefulSet: currentRevision == updateRevision (always true for others).
+    pub revisions_converged: bool,
+}
+
+/// A rollout is complete when the controller has seen the newest spec and
+/// every desired pod runs the newest template, ready and available, with no
+/// pod of an older revision left.
+pub fn rollout_complete(f: &RolloutFacts) -> bool {
+    f.observed_generation >= f.generation
+        && f.updated == f.desired
+        && f.ready == f.desired
+        && f.available == f.desired
+        && f.current == f.desired
+        && f.revisions_converged
+}
+
+/// Where a rotation stands relative to the identity provider's grace window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grace {
+    /// Plenty of time left.
+    Ok,
+    /// Less than the margin (20% of the window) left: warn.
+    AtRisk,
+    /// The window has ended: the old value may already be dead.
+    Exceeded,
+}
+
+pub fn grace(issued_at: Timestamp, window: Duration, now: Timestamp) -> Grace {
+    let elapsed = now.duration_since(issued_at).as_secs_f64();
+    let window = window.as_secs_f64();
+    if elapsed >= window {
+        Grace::Exceeded
+    } else if elapsed >= window * 0.8 {
+        Grace::AtRisk
+    } else {
+        Grace::Ok
+    }
+}
+
+/// Seconds of grace left (negative once exceeded).
+pub fn grace_left(issued_at: Timestamp, window: Duration, now: Timestamp) -> f64 {
+    window.as_secs_f64() - now.duration_since(issued_at).as_secs_f64()
+}
+
+/// Whether a wait that started at `since` has run out of `timeout`.
+pub fn timed_out(since: Timestamp, timeout: Duration, now: Timestamp) -> bool {
+    now.duration_since(since).as_secs_f64() > timeout.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::*;
+
+    fn spec() -> SecretRotationSpec {
+        serde_json::from_value(serde_json::json!({
+            "credential": {"generated": {}},
+            "targets": [{"name": "t", "kubernetesSecret": {"name": "s", "key": "k"}}],
+            "proof": {"nothingToProve": true}
+        }))
+        .unwrap()
+    }
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn served<'a>(trigger: Option<&'a str>, ann: Option<&'a str>, next: Option<&str>) -> Served<'a> {
+        Served { trigger, rotate_request: ann, ever_rotated: true, next_rotation_at: next.map(ts) }
+    }
+
+    #[test]
+    fn creation_requests_the_first_rotation() {
+        let never = Served { trigger: None, rotate_request: None, ever_rotated: false, next_rotation_at: None };
+        let now = ts("2026-01-01T00:00:00Z");
+        assert_eq!(rotation_request(&spec(), &never, &BTreeMap::new(), now), Some(Request::Created));
+        assert_eq!(rotation_request(&spec(), &served(None, None, None), &BTreeMap::new(), now), None);
+    }
+
+    #[test]
+    fn trigger_change_requests_a_rotation() {
+        let mut s = spec();
+        s.trigger = Some("CHG2".into());
+        let now = ts("2026-01-01T00:00:00Z");
+        assert_eq!(
+            rotation_request(&s, &served(Some("CHG1"), None, None), &BTreeMap::new(), now),
+            Some(Request::TriggerChanged)
+        );
+        assert_eq!(rotation_request(&s, &served(Some("CHG2"), None, None), &BTreeMap::new(), now), None);
+    }
+
+    #[test]
+    fn on_demand_annotation_requests_once_per_value() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let ann = BTreeMap::from([(ROTATE_ANNOTATION.to_string(), "2026-01-01T00:00:00Z".to_string())]);
+        assert_eq!(rotation_request(&spec(), &served(None, None, None), &ann, now), Some(Request::OnDemand));
+        let done = served(None, Some("2026-01-01T00:00:00Z"), None);
+        assert_eq!(rotation_request(&spec(), &done, &ann, now), None);
+    }
+
+    #[test]
+    fn schedule_fires_when_due_and_not_before() {
+        let mut s = spec();
+        s.schedule = Some(Schedule { every: Some("1h".into()), cron: None });
+        let due = served(None, None, Some("2026-01-01T01:00:00Z"));
+        assert_eq!(rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-01T00:59:59Z")), None);
+        assert_eq!(
+            rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-01T01:00:00Z")),
+            Some(Request::Schedule)
+        );
+        // Removing the schedule cancels a due rotation.
+        s.schedule = None;
+        assert_eq!(rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-02T00:00:00Z")), None);
+    }
+
+    #[test]
+    fn next_rotation_by_interval_and_cron() {
+        let every = Schedule { every: Some("2160h".into()), cron: None };
+        assert_eq!(
+            next_rotation_at(Some(&every), ts("2026-01-01T00:00:00Z")),
+            Some(ts("2026-04-01T00:00:00Z"))
+        );
+        let cron = Schedule { every: None, cron: Some("0 3 1 * *".into()) };
+        assert_eq!(
+            next_rotation_at(Some(&cron), ts("2026-01-15T10:00:00Z")),
+            Some(ts("2026-02-01T03:00:00Z"))
+        );
+        assert_eq!(
+            next_rotation_at(Some(&cron), ts("2026-02-01T03:00:00Z")),
+            Some(ts("2026-03-01T03:00:00Z")),
+            "strictly after"
+        );
+        assert_eq!(next_rotation_at(None, ts("2026-01-01T00:00:00Z")), None);
+        assert!(!cron_is_valid("61 * * * *"));
+    }
+
+    #[test]
+    fn rollout_is_complete_only_when_every_counter_agrees() {
+        let done = RolloutFacts {
+            generation: 2,
+            observed_generation: 2,
+            desired: 3,
+            current: 3,
+            updated: 3,
+            ready: 3,
+            available: 3,
+            revisions_converged: true,
+        };
+        assert!(rollout_complete(&done));
+        for broken in [
+            RolloutFacts { observed_generation: 1, ..done.clone() },
+            RolloutFacts { updated: 2, ..done.clone() },
+            RolloutFacts { ready: 2, ..done.clone() },
+            RolloutFacts { available: 2, ..done.clone() },
+            RolloutFacts { current: 4, ..done.clone() }, // an old pod is still there
+            RolloutFacts { revisions_converged: false, ..done.clone() },
+        ] {
+            assert!(!rollout_complete(&broken), "{broken:?}");
+        }
+    }
+
+    #[test]
+    fn grace_warns_in_the_last_fifth_of_the_window() {
+        let issued = ts("2026-01-01T00:00:00Z");
+        let w = Duration::from_secs(1800);
+        assert_eq!(grace(issued, w, ts("2026-01-01T00:23:59Z")), Grace::Ok);
+        assert_eq!(grace(issued, w, ts("2026-01-01T00:24:00Z")), Grace::AtRisk);
+        assert_eq!(grace(issued, w, ts("2026-01-01T00:30:00Z")), Grace::Exceeded);
+        assert_eq!(grace_left(issued, w, ts("2026-01-01T00:10:00Z")), 1200.0);
+    }
+
+    #[test]
+    fn timeouts() {
+        let t0 = ts("2026-01-01T00:00:00Z");
+        assert!(!timed_out(t0, Duration::from_secs(60), ts("2026-01-01T00:01:00Z")));
+        assert!(timed_out(t0, Duration::from_secs(60), ts("2026-01-01T00:01:01Z")));
+    }
+}

@@ -1,0 +1,135 @@
+//! Prometheus metrics, all prefixed `rekey_`. Labels name objects, phases,
+//! providers and reasons: never a value.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub namespace: String,
+    pub name: String,
+    pub result: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub name: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseOnly {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub provider: String,
+    pub call: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallKind {
+    pub provider: String,
+    pub call: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.5, 2.0, 16))
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    pub rotations_started: Family<RotationLabels, Counter>,
+    pub rotations_finished: Family<ResultLabels, Counter>,
+    pub rotation_duration: Family<PhaseOnly, Histogram, fn() -> Histogram>,
+    pub phase_duration: Family<PhaseOnly, Histogram, fn() -> Histogram>,
+    pub current_phase: Family<PhaseLabels, Gauge>,
+    pub grace_seconds_left: Family<RotationLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub provider_calls: Family<CallLabels, Counter>,
+    pub provider_latency: Family<CallKind, Histogram, fn() -> Histogram>,
+    pub reconcile_errors: Family<RotationLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("rekey");
+        let m = Self {
+            registry: Arc::default(),
+            rotations_started: Family::default(),
+            rotations_finished: Family::default(),
+            rotation_duration: Family::new_with_constructor(seconds_histogram),
+            phase_duration: Family::new_with_constructor(seconds_histogram),
+            current_phase: Family::default(),
+            grace_seconds_left: Family::default(),
+            provider_calls: Family::default(),
+            provider_latency: Family::new_with_constructor(latency_histogram),
+            reconcile_errors: Family::default(),
+        };
+        r.register("rotations_started", "Rotations started", m.rotations_started.clone());
+        r.register("rotations_finished", "Rotations finished, by result and failure reason", m.rotations_finished.clone());
+        r.register("rotation_duration_seconds", "Duration of finished rotations (label phase: the result)", m.rotation_duration.clone());
+        r.register("phase_duration_seconds", "Time spent in each rotation phase", m.phase_duration.clone());
+        r.register("rotation_phase", "1 for the current phase of each SecretRotation", m.current_phase.clone());
+        r.register("grace_seconds_left", "Seconds until the old value's grace window ends, for rotations in progress", m.grace_seconds_left.clone());
+        r.register("provider_calls", "Calls to stores and identity providers", m.provider_calls.clone());
+        r.register("provider_call_duration_seconds", "Latency of calls to stores and identity providers", m.provider_latency.clone());
+        r.register("reconcile_errors", "Reconcile errors", m.reconcile_errors.clone());
+        *m.registry.lock().unwrap() = r;
+        m
+    }
+
+    pub fn provider_call(&self, provider: &str, call: &str, outcome: &str, took: Duration) {
+        self.provider_calls
+            .get_or_create(&CallLabels { provider: provider.into(), call: call.into(), outcome: outcome.into() })
+            .inc();
+        self.provider_latency
+            .get_or_create(&CallKind { provider: provider.into(), call: call.into() })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets the phase gauge of one SecretRotation (1 for `phase`, 0 for others it had).
+    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) {
+        for p in crate::controller::ALL_PHASES {
+            let l = PhaseLabels { namespace: namespace.into(), name: name.into(), phase: format!("{p:?}") };
+            if format!("{p:?}") == phase {
+                self.current_phase.get_or_create(&l).set(1);
+            } else if self.current_phase.get(&l).is_some() {
+                self.current_phase.get_or_create(&l).set(0);
+            }
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap()).unwrap();
+        out
+    }
+}

@@ -1,0 +1,123 @@
+//! ExternalSecret proof: request a refresh, then compare the synced Secret's
+//! data with the new value (never timestamps).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::Client;
+use serde_json::Value;
+
+use crate::crd::ExternalSecretProof;
+use crate::error::{Error, Result};
+use crate::value::SecretValue;
+
+/// ESO re-reads an ExternalSecret when its metadata changes; this is the
+/// annotation its documentation uses to force a sync.
+pub const FORCE_SYNC_ANNOTATION: &str = "force-sync";
+
+pub fn external_secret_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("external-secrets.io", "v1", "ExternalSecret"))
+}
+
+/// Where one ExternalSecret stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncState {
+    /// Ready, and the target Secret's key holds the expected value.
+    Synced,
+    /// Not there yet (with a short, safe description).
+    Waiting(String),
+}
+
+pub struct ExternalSecrets {
+    api: Api<DynamicObject>,
+    secrets: Api<Secret>,
+    namespace: String,
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str)
+}
+
+impl ExternalSecrets {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self {
+            api: Api::namespaced_with(client.clone(), namespace, &external_secret_resource()),
+            secrets: Api::namespaced(client, namespace),
+            namespace: namespace.into(),
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<DynamicObject> {
+        self.api
+            .get_opt(name)
+            .await
+            .map_err(|e| Error::kube("read ExternalSecret", e))?
+            .ok_or_else(|| Error::permanent("ExternalSecretNotFound", format!("ExternalSecret {}/{name} not found", self.namespace)))
+    }
+
+    /// Refuses ExternalSecrets that exist but would ignore a refresh request.
+    pub async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()> {
+        let es = self.get(&proof.name).await?;
+        let policy = str_at(&es.data, &["spec", "refreshPolicy"]).unwrap_or("Periodic");
+        let interval = str_at(&es.data, &["spec", "refreshInterval"]).unwrap_or("1h");
+        let zero = crate::duration::parse(interval).is_some_and(|d| d.is_zero());
+        if policy == "CreatedOnce" || (policy == "Periodic" && zero) {
+            return Err(Error::permanent(
+                "RefreshNotHonoured",
+                format!(
+                    "ExternalSecret {}/{} has refreshPolicy {policy} with refreshInterval {interval}: ESO ignores refresh requests, so the sync could never be proven",
+                    self.namespace, proof.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Asks ESO to sync now. Idempotent: the same token twice is one request.
+    pub async fn request_refresh(&self, name: &str, token: &str) -> Result<()> {
+        let es = self.get(name).await?;
+        if es.metadata.annotations.as_ref().and_then(|a| a.get(FORCE_SYNC_ANNOTATION)).map(String::as_str) == Some(token) {
+            return Ok(());
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {FORCE_SYNC_ANNOTATION: token}}});
+        self.api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| Error::kube("annotate ExternalSecret", e))?;
+        Ok(())
+    }
+
+    /// Whether the ExternalSecret is Ready and its target Secret holds `expected`.
+    pub async fn state(&self, proof: &ExternalSecretProof, expected: &SecretValue) -> Result<SyncState> {
+        let es = self.get(&proof.name).await?;
+        let ready = es
+            .data
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|c| c.get("type").and_then(Value::as_str) == Some("Ready") && c.get("status").and_then(Value::as_str) == Some("True"));
+        let target = str_at(&es.data, &["spec", "target", "name"]).unwrap_or(&proof.name).to_string();
+        let secret = self.secrets.get_opt(&target).await.map_err(|e| Error::kube("read synced Secret", e))?;
+        let Some(secret) = secret else {
+            return Ok(SyncState::Waiting(format!("Secret {target} not created yet")));
+        };
+        let holds = secret
+            .data
+            .unwrap_or_default()
+            .get(&proof.key)
+            .is_some_and(|b| b.0.as_slice() == expected.expose().as_bytes());
+        Ok(match (ready, holds) {
+            (true, true) => SyncState::Synced,
+            (false, _) => SyncState::Waiting(format!("ExternalSecret {} not Ready", proof.name)),
+            (true, false) => SyncState::Waiting(format!("Secret {target} key {} does not hold the new value yet", proof.key)),
+        })
+    }
+}
+
+/// Annotations of a DynamicObject, for tests.
+pub fn annotations(o: &DynamicObject) -> BTreeMap<String, String> {
+    o.metadata.annotations.clone().unwrap_or_default()
+}

@@ -1,0 +1,141 @@
+//! Rollout proof for Deployments, StatefulSets and DaemonSets: restart once
+//! per rotation (Trigger) or wait for another restarter (Await), then wait
+//! until the rollout is complete.
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+
+use crate::crd::{WorkloadKind, WorkloadRef};
+use crate::decide::RolloutFacts;
+use crate::error::{Error, Result};
+
+/// The pod-template annotation that restarts a workload, keyed per
+/// SecretRotation so two rotations of one workload do not undo each other.
+pub fn restart_annotation(rotation_name: &str) -> String {
+    const PREFIX: &str = "rotation.rekey.dev/";
+    if rotation_name.len() <= 63 {
+        format!("{PREFIX}{rotation_name}")
+    } else {
+        // Annotation names are at most 63 characters: shorten, keep unique.
+        let hash = rotation_name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        format!("{PREFIX}{}-{hash:016x}", &rotation_name[..46])
+    }
+}
+
+/// What rekey observed of one workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub facts: RolloutFacts,
+    /// The value of the restart annotation on the pod template.
+    pub stamped: Option<String>,
+}
+
+pub struct Workloads {
+    client: Client,
+    namespace: String,
+}
+
+fn not_found(kind: WorkloadKind, ns: &str, name: &str) -> Error {
+    Error::permanent("WorkloadNotFound", format!("{kind:?} {ns}/{name} not found"))
+}
+
+impl Workloads {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self { client, namespace: namespace.into() }
+    }
+
+    pub async fn observe(&self, w: &WorkloadRef, annotation: &str) -> Result<Observed> {
+        let ns = &self.namespace;
+        let get_err = |e| Error::kube("read workload", e);
+        let stamp = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
+            t.and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(annotation).cloned())
+        };
+        Ok(match w.kind {
+            WorkloadKind::Deployment => {
+                let d = Api::<Deployment>::namespaced(self.client.clone(), ns)
+                    .get_opt(&w.name)
+                    .await
+                    .map_err(get_err)?
+                    .ok_or_else(|| not_found(w.kind, ns, &w.name))?;
+                let spec = d.spec.unwrap_or_default();
+                let s = d.status.unwrap_or_default();
+                Observed {
+                    stamped: stamp(Some(&spec.template)),
+                    facts: RolloutFacts {
+                        generation: d.metadata.generation.unwrap_or(0),
+                        observed_generation: s.observed_generation.unwrap_or(0),
+                        desired: spec.replicas.unwrap_or(1),
+                        current: s.replicas.unwrap_or(0),
+                        updated: s.updated_replicas.unwrap_or(0),
+                        ready: s.ready_replicas.unwrap_or(0),
+                        available: s.available_replicas.unwrap_or(0),
+                        revisions_converged: true,
+                    },
+                }
+            }
+            WorkloadKind::StatefulSet => {
+                let d = Api::<StatefulSet>::namespaced(self.client.clone(), ns)
+                    .get_opt(&w.name)
+                    .await
+                    .map_err(get_err)?
+                    .ok_or_else(|| not_found(w.kind, ns, &w.name))?;
+                let spec = d.spec.unwrap_or_default();
+                let s = d.status.unwrap_or_default();
+                Observed {
+                    stamped: stamp(Some(&spec.template)),
+                    facts: RolloutFacts {
+                        generation: d.metadata.generation.unwrap_or(0),
+                        observed_generation: s.observed_generation.unwrap_or(0),
+                        desired: spec.replicas.unwrap_or(1),
+                        current: s.replicas,
+                        updated: s.updated_replicas.unwrap_or(0),
+                        ready: s.ready_replicas.unwrap_or(0),
+                        available: s.available_replicas.unwrap_or(0),
+                        revisions_converged: s.current_revision.is_some() && s.current_revision == s.update_revision,
+                    },
+                }
+            }
+            WorkloadKind::DaemonSet => {
+                let d = Api::<DaemonSet>::namespaced(self.client.clone(), ns)
+                    .get_opt(&w.name)
+                    .await
+                    .map_err(get_err)?
+                    .ok_or_else(|| not_found(w.kind, ns, &w.name))?;
+                let spec = d.spec.unwrap_or_default();
+                let s = d.status.unwrap_or_default();
+                Observed {
+                    stamped: stamp(Some(&spec.template)),
+                    facts: RolloutFacts {
+                        generation: d.metadata.generation.unwrap_or(0),
+                        observed_generation: s.observed_generation.unwrap_or(0),
+                        desired: s.desired_number_scheduled,
+                        current: s.current_number_scheduled,
+                        updated: s.updated_number_scheduled.unwrap_or(0),
+                        ready: s.number_ready,
+                        available: s.number_available.unwrap_or(0),
+                        revisions_converged: true,
+                    },
+                }
+            }
+        })
+    }
+
+    /// Stamps the pod template with the rotation id, which starts exactly one
+    /// rollout. Callers check `Observed::stamped` first, so a retry after a
+    /// crash sees the stamp and does not patch again.
+    pub async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()> {
+        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {annotation: rotation_id}}}}});
+        let pp = PatchParams::default();
+        let p = Patch::Merge(&patch);
+        let ns = &self.namespace;
+        let r = match w.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), ns).patch(&w.name, &pp, &p).await.map(|_| ()),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), ns).patch(&w.name, &pp, &p).await.map(|_| ()),
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(self.client.clone(), ns).patch(&w.name, &pp, &p).await.map(|_| ()),
+        };
+        r.map_err(|e| Error::kube("restart workload", e))
+    }
+}

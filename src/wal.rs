@@ -1,0 +1,106 @@
+//! The write-ahead record: a Secret owned by the SecretRotation that holds the
+//! new value (and each target's previous value, for rollback) from the moment
+//! it is issued until the rotation ends. Invariant "never lost": if rekey dies
+//! after issuing, the value is recovered from here, not issued again.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::{Client, Resource};
+
+use crate::crd::SecretRotation;
+use crate::error::{Error, Result};
+use crate::value::SecretValue;
+
+pub const WAL_LABEL: &str = "rekey.dev/write-ahead-record";
+const ROTATION_KEY: &str = "rotation-id";
+const NEW_KEY: &str = "new";
+const PREVIOUS_PREFIX: &str = "previous.";
+
+/// What the record holds for one rotation.
+pub struct Record {
+    pub rotation_id: String,
+    pub new: SecretValue,
+    /// Previous value per target name (absent where the target was empty).
+    pub previous: BTreeMap<String, SecretValue>,
+}
+
+pub fn secret_name(rotation_name: &str) -> String {
+    let base: String = rotation_name.chars().take(253 - ".rekey-wal".len()).collect();
+    format!("{base}.rekey-wal")
+}
+
+pub struct Wal {
+    api: Api<Secret>,
+    name: String,
+}
+
+impl Wal {
+    pub fn new(client: Client, sr: &SecretRotation) -> Self {
+        let ns = sr.metadata.namespace.clone().unwrap_or_default();
+        Self { api: Api::namespaced(client, &ns), name: secret_name(&sr.metadata.name.clone().unwrap_or_default()) }
+    }
+
+    /// The record of `rotation_id`, if one was written.
+    pub async fn read(&self, rotation_id: &str) -> Result<Option<Record>> {
+        let Some(secret) = self.api.get_opt(&self.name).await.map_err(|e| Error::kube("read write-ahead record", e))? else {
+            return Ok(None);
+        };
+        let data = secret.data.unwrap_or_default();
+        let text = |k: &str| data.get(k).and_then(|b| SecretValue::from_bytes(&b.0));
+        if text(ROTATION_KEY).map(|v| v.expose().to_string()).as_deref() != Some(rotation_id) {
+            return Ok(None);
+        }
+        let Some(new) = text(NEW_KEY) else { return Ok(None) };
+        let previous = data
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(PREVIOUS_PREFIX)?.to_string(), SecretValue::from_bytes(&v.0)?)))
+            .collect();
+        Ok(Some(Record { rotation_id: rotation_id.into(), new, previous }))
+    }
+
+    /// Writes (replaces) the record, owned by the SecretRotation.
+    pub async fn write(&self, sr: &SecretRotation, record: &Record) -> Result<()> {
+        let mut data = BTreeMap::from([
+            (ROTATION_KEY.to_string(), ByteString(record.rotation_id.as_bytes().to_vec())),
+            (NEW_KEY.to_string(), ByteString(record.new.expose().as_bytes().to_vec())),
+        ]);
+        for (target, value) in &record.previous {
+            data.insert(format!("{PREVIOUS_PREFIX}{target}"), ByteString(value.expose().as_bytes().to_vec()));
+        }
+        let owner = sr.controller_owner_ref(&()).ok_or_else(|| Error::permanent("Internal", "SecretRotation has no uid"))?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                labels: Some(BTreeMap::from([
+                    (WAL_LABEL.to_string(), "true".to_string()),
+                    ("app.kubernetes.io/managed-by".to_string(), "rekey".to_string()),
+                ])),
+                owner_references: Some(vec![owner]),
+                ..Default::default()
+            },
+            data: Some(data),
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        let mut body = serde_json::to_value(&secret).map_err(|_| Error::permanent("Internal", "encode record"))?;
+        body["apiVersion"] = "v1".into();
+        body["kind"] = "Secret".into();
+        self.api
+            .patch(&self.name, &PatchParams::apply("rekey").force(), &Patch::Apply(&body))
+            .await
+            .map_err(|e| Error::kube("write write-ahead record", e))?;
+        Ok(())
+    }
+
+    /// Deletes the record once the rotation is over (no value lingers).
+    pub async fn delete(&self) -> Result<()> {
+        match self.api.delete(&self.name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(Error::kube("delete write-ahead record", e)),
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Objects the rotation tests build on: the rekey CRD, an ESO SecretStore that
+//! reads Secrets from the test namespace through the real API server, an
+//! ExternalSecret, a Deployment consuming it, and SecretRotations.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Client, ResourceExt};
+use rekey::crd::{Phase, SecretRotation};
+use serde_json::{Value, json};
+
+use super::cluster::{Cluster, repo_root};
+
+static CRD: std::sync::Once = std::sync::Once::new();
+
+/// Applies crds/secretrotation.yaml (once per test binary) and waits for it.
+pub fn install_crd(c: &Cluster) {
+    CRD.call_once(|| {
+        let path = repo_root().join("crds/secretrotation.yaml");
+        c.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path.display().to_string()]).unwrap();
+        c.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/secretrotations.rekey.dev"]).unwrap();
+    });
+}
+
+pub fn es_resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("external-secrets.io", "v1", kind))
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+pub async fn put_secret(client: &Client, ns: &str, name: &str, data: Value) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data});
+    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&body)).await.unwrap();
+}
+
+pub async fn read_key(client: &Client, ns: &str, name: &str, key: &str) -> Option<String> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s = api.get_opt(name).await.unwrap()?;
+    s.data?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+}
+
+/// A SecretStore named `cluster-secrets` whose kubernetes provider reads
+/// Secrets of `ns` through the real API server with a client certificate.
+pub async fn kubernetes_secret_store(c: &Cluster, client: &Client, ns: &str) {
+    put_secret(client, ns, "eso-auth", json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem})).await;
+    let store: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore",
+        "metadata": {"name": "cluster-secrets"},
+        "spec": {"provider": {"kubernetes": {
+            "remoteNamespace": ns,
+            "server": {"url": c.api_url, "caBundle": b64(&c.ca_pem)},
+            "auth": {"cert": {
+                "clientCert": {"name": "eso-auth", "key": "tls.crt"},
+                "clientKey": {"name": "eso-auth", "key": "tls.key"}
+            }}
+        }}}
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("SecretStore"))
+        .create(&PostParams::default(), &store)
+        .await
+        .unwrap();
+}
+
+/// An ExternalSecret `name` whose target Secret `name` gets key `key` from
+/// Secret `source` key `source_key` (read through the SecretStore).
+pub async fn external_secret(client: &Client, ns: &str, name: &str, key: &str, source: &str, source_key: &str) {
+    let es: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
+        "metadata": {"name": name},
+        "spec": {
+            "refreshInterval": "1h",
+            "secretStoreRef": {"kind": "SecretStore", "name": "cluster-secrets"},
+            "target": {"name": name},
+            "data": [{"secretKey": key, "remoteRef": {"key": source, "property": source_key}}]
+        }
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("ExternalSecret"))
+        .create(&PostParams::default(), &es)
+        .await
+        .unwrap();
+}
+
+/// A Deployment whose containers read `secret` through an env var.
+pub async fn deployment(client: &Client, ns: &str, name: &str, replicas: i32, secret: &str) {
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "app", "image": "example.invalid/app:1",
+                    "env": [{"name": "CLIENT_SECRET", "valueFrom": {"secretKeyRef": {"name": secret, "key": "client_secret"}}}]
+                }]}
+            }
+        }
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &d).await.unwrap();
+}
+
+pub async fn deployment_available(client: &Client, ns: &str, name: &str) -> bool {
+    let d = Api::<Deployment>::namespaced(client.clone(), ns).get(name).await.unwrap();
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let s = d.status.unwrap_or_default();
+    s.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
+        && s.updated_replicas == Some(want)
+        && s.ready_replicas == Some(want)
+        && s.available_replicas == Some(want)
+        && s.replicas == Some(want)
+}
+
+/// Number of ReplicaSets (template revisions) of a Deployment: 1 + rollouts.
+pub async fn revisions(client: &Client, ns: &str, app: &str) -> usize {
+    Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
+/// The usual scene: Secret `source` (key client_secret = `initial`) is the
+/// store rekey writes; ExternalSecret `app-creds` syncs it; Deployment `app`
+/// consumes it and is fully available.
+pub async fn scene(c: &Cluster, client: &Client, ns: &str, initial: &str) {
+    install_crd(c);
+    put_secret(client, ns, "source", json!({"client_secret": initial})).await;
+    kubernetes_secret_store(c, client, ns).await;
+    external_secret(client, ns, "app-creds", "client_secret", "source", "client_secret").await;
+    super::wait_for("initial ESO sync", Duration::from_secs(60), || async {
+        read_key(client, ns, "app-creds", "client_secret").await.as_deref() == Some(initial)
+    })
+    .await;
+    deployment(client, ns, "app", 2, "app-creds").await;
+    super::wait_for("app available", Duration::from_secs(90), || async {
+        deployment_available(client, ns, "app").await
+    })
+    .await;
+}
+
+/// A SecretRotation spec for the usual scene, with `credential` as given.
+pub fn rotation_spec(credential: Value) -> Value {
+    json!({
+        "credential": credential,
+        "oldValueValidFor": "30m",
+        "targets": [{"name": "main", "kubernetesSecret": {"name": "source", "key": "client_secret"}}],
+        "proof": {
+            "externalSecrets": [{"name": "app-creds", "key": "client_secret"}],
+            "workloads": [{"kind": "Deployment", "name": "app"}],
+            "timeout": "60s"
+        }
+    })
+}
+
+pub async fn create_rotation(client: &Client, ns: &str, name: &str, spec: Value) -> SecretRotation {
+    let sr: SecretRotation = serde_json::from_value(json!({
+        "apiVersion": "rekey.dev/v1alpha1", "kind": "SecretRotation",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap();
+    Api::<SecretRotation>::namespaced(client.clone(), ns).create(&PostParams::default(), &sr).await.unwrap()
+}
+
+pub async fn get_rotation(client: &Client, ns: &str, name: &str) -> SecretRotation {
+    Api::<SecretRotation>::namespaced(client.clone(), ns).get(name).await.unwrap()
+}
+
+pub fn phase_of(sr: &SecretRotation) -> Option<Phase> {
+    sr.status.as_ref().and_then(|s| s.phase)
+}
+
+/// Waits until the SecretRotation's phase is `want`, and returns it. Panics
+/// with the status if another terminal phase is reached.
+pub async fn wait_phase(client: &Client, ns: &str, name: &str, want: Phase, timeout: Duration) -> SecretRotation {
+    let start = std::time::Instant::now();
+    loop {
+        let sr = get_rotation(client, ns, name).await;
+        let phase = phase_of(&sr);
+        if phase == Some(want) {
+            return sr;
+        }
+        if let Some(p) = phase
+            && p.is_terminal()
+            && p != want
+            && sr.status.as_ref().and_then(|s| s.rotation.as_ref()).is_none()
+            && want.is_terminal()
+        {
+            panic!("{name} ended {p:?}, wanted {want:?}: {}", serde_json::to_string_pretty(&sr.status).unwrap());
+        }
+        if start.elapsed() > timeout {
+            panic!("{name} not {want:?} after {timeout:?}: {}", serde_json::to_string_pretty(&sr.status).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn events(client: &Client, ns: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items
+}
+
+/// Event reasons and notes of one object, oldest first.
+pub async fn event_notes(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let mut evs: Vec<Event> = events(client, ns)
+        .await
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .collect();
+    evs.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0).or(e.first_timestamp.as_ref().map(|t| t.0)));
+    evs.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+/// Fails if any of `values` appears in the operator's log, in any Event of the
+/// namespace, or in any SecretRotation's status or metadata.
+pub async fn assert_never_leaked(client: &Client, ns: &str, logs: &str, metrics: &str, values: &[&str]) {
+    let events = serde_json::to_string(&events(client, ns).await).unwrap();
+    let rotations = Api::<SecretRotation>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+    let rotations: Vec<Value> = rotations
+        .items
+        .iter()
+        .map(|r| json!({"status": r.status, "annotations": r.annotations(), "labels": r.labels()}))
+        .collect();
+    let rotations = serde_json::to_string(&rotations).unwrap();
+    assert!(!logs.is_empty(), "operator log is empty: the leak check would prove nothing");
+    for v in values {
+        assert!(v.len() >= 16, "canary too short to be meaningful");
+        assert!(!logs.contains(v), "a secret value leaked into the operator log");
+        assert!(!events.contains(v), "a secret value leaked into an Event");
+        assert!(!rotations.contains(v), "a secret value leaked into SecretRotation status/metadata");
+        assert!(!metrics.contains(v), "a secret value leaked into metrics");
+    }
+}
+
+pub async fn annotate_rotation(client: &Client, ns: &str, name: &str, key: &str, value: &str) {
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    Api::<SecretRotation>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,104 @@
+//! Runs the real `rekey` binary against the test cluster, one per test and
+//! namespace, with its log captured for canary checks.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::cluster::{Cluster, free_port};
+
+pub struct Operator {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+    namespace: String,
+    kubeconfig: PathBuf,
+    pgid: i32,
+    restarts: u32,
+    dir: PathBuf,
+}
+
+impl Operator {
+    /// Starts `rekey run` watching only `namespace`.
+    pub fn start(c: &Cluster, namespace: &str) -> Operator {
+        Self::start_with_kubeconfig(c, namespace, c.kubeconfig.clone())
+    }
+
+    pub fn start_with_kubeconfig(c: &Cluster, namespace: &str, kubeconfig: PathBuf) -> Operator {
+        let mut op = Operator {
+            child: None,
+            log: PathBuf::new(),
+            metrics_port: free_port(),
+            namespace: namespace.into(),
+            kubeconfig,
+            pgid: c.process_group(),
+            restarts: 0,
+            dir: c.dir.clone(),
+        };
+        op.spawn();
+        op
+    }
+
+    fn spawn(&mut self) {
+        self.log = self.dir.join(format!("rekey-{}-{}.log", self.namespace, self.restarts));
+        let log = fs::File::create(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rekey"))
+            .args(["run", "--poll=500ms"])
+            .arg(format!("--namespaces={}", self.namespace))
+            .arg(format!("--metrics-addr=127.0.0.1:{}", self.metrics_port))
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,reqwest=info,h2=info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(self.pgid)
+            .spawn()
+            .expect("start rekey");
+        self.child = Some(child);
+    }
+
+    /// Simulates a crash: SIGKILL, no cleanup of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again after `kill`.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.restarts += 1;
+        self.spawn();
+    }
+
+    /// Everything the operator logged, over every restart.
+    pub fn logs(&self) -> String {
+        (0..=self.restarts)
+            .map(|i| fs::read_to_string(self.dir.join(format!("rekey-{}-{i}.log", self.namespace))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub async fn scrape(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        for _ in 0..50 {
+            if let Ok(r) = reqwest::get(&url).await
+                && let Ok(t) = r.text().await
+            {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("metrics endpoint did not answer");
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
