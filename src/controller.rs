@@ -252,7 +252,9 @@ impl Reconciler {
             last_finished.and_then(|t| decide::next_rotation_at(self.sr.spec.schedule.as_ref(), t)).map(time);
         self.status.pending_request = None;
         self.status.observed_generation = self.sr.metadata.generation;
-        self.set_condition("Rotating", "False", "Idle", "No rotation in progress");
+        if !self.status.conditions.iter().any(|c| c.type_ == "Rotating") {
+            self.set_condition("Rotating", "False", "Idle", "No rotation in progress");
+        }
         self.write_status().await?;
         let wake = self
             .status
