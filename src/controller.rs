@@ -68,7 +68,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, metrics: Metrics, poll: Duration) -> Self {
-        let reporter = Reporter { controller: "rekey".into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: "rekey".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -91,14 +94,20 @@ pub async fn run(ctx: Context, namespaces: Vec<String>) {
         warn!(namespace = sr.namespace().unwrap_or_default(), name = sr.name_any(), error = %err, "reconcile failed");
         ctx.metrics
             .reconcile_errors
-            .get_or_create(&RotationLabels { namespace: sr.namespace().unwrap_or_default(), name: sr.name_any() })
+            .get_or_create(&RotationLabels {
+                namespace: sr.namespace().unwrap_or_default(),
+                name: sr.name_any(),
+            })
             .inc();
         Action::requeue(Duration::from_secs(5))
     };
     let apis: Vec<Api<SecretRotation>> = if namespaces.is_empty() {
         vec![Api::all(ctx.client.clone())]
     } else {
-        namespaces.iter().map(|ns| Api::namespaced(ctx.client.clone(), ns)).collect()
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+            .collect()
     };
     let runs = apis.into_iter().map(|api| {
         Controller::new(api, watcher::Config::default())
@@ -185,7 +194,10 @@ impl Reconciler {
     }
 
     fn labels(&self) -> RotationLabels {
-        RotationLabels { namespace: self.namespace.clone(), name: self.name.clone() }
+        RotationLabels {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
     }
 
     async fn run(mut self) -> Result<Action> {
@@ -196,11 +208,13 @@ impl Reconciler {
         self.note_pending_request();
         let phase = self.phase();
         let step = match phase {
-            Phase::Pending => Ok(Step::Advance(if self.sr.spec.approval.as_ref().is_some_and(|a| a.required) {
-                Phase::AwaitingApproval
-            } else {
-                Phase::Preflight
-            })),
+            Phase::Pending => Ok(Step::Advance(
+                if self.sr.spec.approval.as_ref().is_some_and(|a| a.required) {
+                    Phase::AwaitingApproval
+                } else {
+                    Phase::Preflight
+                },
+            )),
             Phase::AwaitingApproval => Ok(self.awaiting_approval()),
             Phase::Preflight => self.preflight().await,
             Phase::Issuing => self.issuing().await,
@@ -223,14 +237,27 @@ impl Reconciler {
             Err(e) if e.permanent => self.fail(e).await,
             Err(e) => {
                 // Transient: retry, but not beyond the phase's time budget.
-                let since = self.rotation().phase_started_at.as_ref().map(|t| t.0).unwrap_or(self.now);
-                if waits_for_a_person(phase) || !decide::timed_out(since, self.proof_timeout(), self.now) {
+                let since = self
+                    .rotation()
+                    .phase_started_at
+                    .as_ref()
+                    .map(|t| t.0)
+                    .unwrap_or(self.now);
+                if waits_for_a_person(phase)
+                    || !decide::timed_out(since, self.proof_timeout(), self.now)
+                {
                     self.set_rotating(&format!("retrying after error: {e}"));
                     self.write_status().await?;
                     return Ok(Action::requeue(self.ctx.poll.max(Duration::from_secs(2))));
                 }
-                self.fail(Error::permanent(e.reason, format!("{} (gave up after {})", e.message, self.sr.spec.proof.timeout)))
-                    .await
+                self.fail(Error::permanent(
+                    e.reason,
+                    format!(
+                        "{} (gave up after {})",
+                        e.message, self.sr.spec.proof.timeout
+                    ),
+                ))
+                .await
             }
         }
     }
@@ -247,9 +274,15 @@ impl Reconciler {
         if let Some(request) = request {
             return self.start(request).await;
         }
-        let last_finished = self.status.last_rotation.as_ref().and_then(|l| l.finished_at.as_ref()).map(|t| t.0);
-        self.status.next_rotation_at =
-            last_finished.and_then(|t| decide::next_rotation_at(self.sr.spec.schedule.as_ref(), t)).map(time);
+        let last_finished = self
+            .status
+            .last_rotation
+            .as_ref()
+            .and_then(|l| l.finished_at.as_ref())
+            .map(|t| t.0);
+        self.status.next_rotation_at = last_finished
+            .and_then(|t| decide::next_rotation_at(self.sr.spec.schedule.as_ref(), t))
+            .map(time);
         self.status.pending_request = None;
         self.status.observed_generation = self.sr.metadata.generation;
         if !self.status.conditions.iter().any(|c| c.type_ == "Rotating") {
@@ -280,16 +313,36 @@ impl Reconciler {
         self.status.pending_request = None;
         self.status.observed_generation = self.sr.metadata.generation;
         if !self.status.conditions.iter().any(|c| c.type_ == "Ready") {
-            self.set_condition("Ready", "Unknown", "NotYetRotated", "The first rotation has not finished yet");
+            self.set_condition(
+                "Ready",
+                "Unknown",
+                "NotYetRotated",
+                "The first rotation has not finished yet",
+            );
         }
-        self.set_condition("GraceWindowAtRisk", "False", "NoRotationIssued", "No new value issued yet");
+        self.set_condition(
+            "GraceWindowAtRisk",
+            "False",
+            "NoRotationIssued",
+            "No new value issued yet",
+        );
         self.set_rotating(&format!("rotation {id} requested ({})", request.as_str()));
         self.write_status().await?;
-        self.ctx.metrics.rotations_started.get_or_create(&self.labels()).inc();
-        self.ctx.metrics.set_phase(&self.namespace, &self.name, "Pending");
+        self.ctx
+            .metrics
+            .rotations_started
+            .get_or_create(&self.labels())
+            .inc();
+        self.ctx
+            .metrics
+            .set_phase(&self.namespace, &self.name, "Pending");
         info!(namespace = %self.namespace, name = %self.name, rotation = %id, reason = request.as_str(), "rotation requested");
-        self.event(EventType::Normal, "RotationRequested", format!("Rotation {id} requested: {}", request.as_str()))
-            .await;
+        self.event(
+            EventType::Normal,
+            "RotationRequested",
+            format!("Rotation {id} requested: {}", request.as_str()),
+        )
+        .await;
         Ok(Action::requeue(self.ctx.poll))
     }
 
@@ -303,7 +356,8 @@ impl Reconciler {
             ever_rotated: true,
             next_rotation_at: None,
         };
-        let pending = decide::rotation_request(&self.sr.spec, &served, self.annotations(), self.now);
+        let pending =
+            decide::rotation_request(&self.sr.spec, &served, self.annotations(), self.now);
         self.status.pending_request = pending.map(|r| r.as_str().to_string());
     }
 
@@ -314,21 +368,34 @@ impl Reconciler {
         if self.annotations().get(decide::APPROVE_ANNOTATION) == Some(id) {
             Step::Advance(Phase::Preflight)
         } else {
-            Step::Wait(format!("waiting for approval: kubectl annotate secretrotation {} {}={id}", self.name, decide::APPROVE_ANNOTATION))
+            Step::Wait(format!(
+                "waiting for approval: kubectl annotate secretrotation {} {}={id}",
+                self.name,
+                decide::APPROVE_ANNOTATION
+            ))
         }
     }
 
     async fn preflight(&mut self) -> Result<Step> {
         let spec = &self.sr.spec;
-        for (what, d) in [("oldValueValidFor", &spec.old_value_valid_for), ("proof.timeout", &spec.proof.timeout)] {
+        for (what, d) in [
+            ("oldValueValidFor", &spec.old_value_valid_for),
+            ("proof.timeout", &spec.proof.timeout),
+        ] {
             if duration::parse(d).is_none() {
-                return Err(Error::permanent("InvalidSpec", format!("{what} is not a duration")));
+                return Err(Error::permanent(
+                    "InvalidSpec",
+                    format!("{what} is not a duration"),
+                ));
             }
         }
         if let Some(cron) = spec.schedule.as_ref().and_then(|s| s.cron.as_deref())
             && !decide::cron_is_valid(cron)
         {
-            return Err(Error::permanent("InvalidSpec", "schedule.cron is not a valid cron expression"));
+            return Err(Error::permanent(
+                "InvalidSpec",
+                "schedule.cron is not a valid cron expression",
+            ));
         }
         if !spec.proof.nothing_to_prove && self.proof_timeout() >= self.grace_window() {
             return Err(Error::permanent(
@@ -347,7 +414,9 @@ impl Reconciler {
                 current = store.read_current().await?;
             }
         }
-        source::for_rotation(&self.sr, &self.ctx)?.preflight(current.as_ref()).await?;
+        source::for_rotation(&self.sr, &self.ctx)?
+            .preflight(current.as_ref())
+            .await?;
         let eso = ExternalSecrets::new(self.ctx.client.clone(), &self.namespace);
         for es in &spec.proof.external_secrets {
             eso.preflight(es).await?;
@@ -371,22 +440,41 @@ impl Reconciler {
             // for onFailure: Rollback.
             let mut previous = BTreeMap::new();
             for target in &self.sr.spec.targets {
-                if let Some(v) = store::for_target(target, &self.ctx, &self.namespace)?.read_current().await? {
+                if let Some(v) = store::for_target(target, &self.ctx, &self.namespace)?
+                    .read_current()
+                    .await?
+                {
                     previous.insert(target.name.clone(), v);
                 }
             }
-            let new = source::for_rotation(&self.sr, &self.ctx)?.issue(&id).await?;
+            let new = source::for_rotation(&self.sr, &self.ctx)?
+                .issue(&id)
+                .await?;
             if previous.values().any(|p| p.same_as(&new)) {
-                return Err(Error::permanent("NewValueNotNew", "the source returned the value a target already holds"));
+                return Err(Error::permanent(
+                    "NewValueNotNew",
+                    "the source returned the value a target already holds",
+                ));
             }
-            wal.write(&self.sr, &Record { rotation_id: id.clone(), new, previous }).await?;
+            wal.write(
+                &self.sr,
+                &Record {
+                    rotation_id: id.clone(),
+                    new,
+                    previous,
+                },
+            )
+            .await?;
         }
         let issued = self.now;
         let window = self.grace_window();
         let rot = self.rotation_mut();
         rot.issued_at.get_or_insert(time(issued));
         let issued = rot.issued_at.as_ref().unwrap().0;
-        rot.old_value_valid_until = issued.checked_add(jiff::SignedDuration::try_from(window).unwrap_or_default()).ok().map(time);
+        rot.old_value_valid_until = issued
+            .checked_add(jiff::SignedDuration::try_from(window).unwrap_or_default())
+            .ok()
+            .map(time);
         Ok(Step::Advance(Phase::Writing))
     }
 
@@ -396,7 +484,12 @@ impl Reconciler {
             .read(id)
             .await?
             .map(|r| r.new)
-            .ok_or_else(|| Error::permanent("WriteAheadRecordMissing", format!("the write-ahead record of rotation {id} is gone")))
+            .ok_or_else(|| {
+                Error::permanent(
+                    "WriteAheadRecordMissing",
+                    format!("the write-ahead record of rotation {id} is gone"),
+                )
+            })
     }
 
     async fn writing(&mut self) -> Result<Step> {
@@ -412,11 +505,18 @@ impl Reconciler {
                 if result.is_ok() { "success" } else { "error" },
                 started.elapsed(),
             );
-            let version = result.map_err(|e| Error { message: format!("target {}: {}", target.name, e.message), ..e })?;
+            let version = result.map_err(|e| Error {
+                message: format!("target {}: {}", target.name, e.message),
+                ..e
+            })?;
             let now = self.now;
             let rot = self.rotation_mut();
             rot.targets.retain(|t| t.name != target.name);
-            rot.targets.push(TargetStatus { name: target.name.clone(), version, written_at: Some(time(now)) });
+            rot.targets.push(TargetStatus {
+                name: target.name.clone(),
+                version,
+                written_at: Some(time(now)),
+            });
         }
         if self.sr.spec.proof.nothing_to_prove {
             return Ok(Step::Advance(Phase::Verifying));
@@ -427,14 +527,23 @@ impl Reconciler {
         let mut baselines = vec![];
         for w in &self.sr.spec.proof.workloads {
             let o = workloads.observe(w, &annotation).await?;
-            baselines.push(WorkloadBaseline { kind: w.kind, name: w.name.clone(), generation: o.facts.generation });
+            baselines.push(WorkloadBaseline {
+                kind: w.kind,
+                name: w.name.clone(),
+                generation: o.facts.generation,
+            });
         }
         self.rotation_mut().workload_baselines = baselines;
         Ok(Step::Advance(Phase::AwaitingSync))
     }
 
     fn phase_timed_out(&self) -> bool {
-        let since = self.rotation().phase_started_at.as_ref().map(|t| t.0).unwrap_or(self.now);
+        let since = self
+            .rotation()
+            .phase_started_at
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or(self.now);
         decide::timed_out(since, self.proof_timeout(), self.now)
     }
 
@@ -448,7 +557,10 @@ impl Reconciler {
             }
             Some(waiting) if self.phase_timed_out() => Err(Error::permanent(
                 "SyncTimeout",
-                format!("the new value was not synced within {}: {waiting}", self.sr.spec.proof.timeout),
+                format!(
+                    "the new value was not synced within {}: {waiting}",
+                    self.sr.spec.proof.timeout
+                ),
             )),
             Some(waiting) => Ok(Step::Wait(waiting)),
         }
@@ -491,11 +603,19 @@ impl Reconciler {
                     .is_none_or(|b| o.facts.generation > b.generation),
             };
             if !restarted {
-                waiting.push(format!("{:?} {} not restarted yet (restart: Await)", w.kind, w.name));
+                waiting.push(format!(
+                    "{:?} {} not restarted yet (restart: Await)",
+                    w.kind, w.name
+                ));
             } else if !decide::rollout_complete(&o.facts) {
                 waiting.push(format!(
                     "{:?} {} rolling out ({}/{} updated, {} ready, {} available)",
-                    w.kind, w.name, o.facts.updated, o.facts.desired, o.facts.ready, o.facts.available
+                    w.kind,
+                    w.name,
+                    o.facts.updated,
+                    o.facts.desired,
+                    o.facts.ready,
+                    o.facts.available
                 ));
             }
         }
@@ -507,7 +627,10 @@ impl Reconciler {
         if self.phase_timed_out() {
             return Err(Error::permanent(
                 "RolloutTimeout",
-                format!("the rollout did not complete within {}: {waiting}", self.sr.spec.proof.timeout),
+                format!(
+                    "the rollout did not complete within {}: {waiting}",
+                    self.sr.spec.proof.timeout
+                ),
             ));
         }
         Ok(Step::Wait(waiting))
@@ -515,7 +638,9 @@ impl Reconciler {
 
     async fn verifying(&mut self) -> Result<Step> {
         let value = self.new_value().await?;
-        source::for_rotation(&self.sr, &self.ctx)?.verify(&value).await?;
+        source::for_rotation(&self.sr, &self.ctx)?
+            .verify(&value)
+            .await?;
         Ok(Step::Advance(Phase::Invalidating))
     }
 
@@ -524,10 +649,15 @@ impl Reconciler {
         let outcome = source::for_rotation(&self.sr, &self.ctx)?
             .invalidate(&id, self.annotations())
             .await
-            .map_err(|e| Error { reason: "InvalidationFailed", ..e })?;
+            .map_err(|e| Error {
+                reason: "InvalidationFailed",
+                ..e
+            })?;
         Ok(match (outcome, self.phase()) {
             (Invalidation::Done, _) => Step::Finish(Phase::Succeeded),
-            (Invalidation::NeedsConfirmation, Phase::Invalidating) => Step::Advance(Phase::AwaitingConfirmation),
+            (Invalidation::NeedsConfirmation, Phase::Invalidating) => {
+                Step::Advance(Phase::AwaitingConfirmation)
+            }
             (Invalidation::NeedsConfirmation, _) => Step::Wait(format!(
                 "invalidate the old value at the identity provider, then: kubectl annotate secretrotation {} {}={id}",
                 self.name,
@@ -539,16 +669,25 @@ impl Reconciler {
     async fn rolling_back(&mut self) -> Result<Step> {
         let rot = self.rotation().clone();
         let token = format!("{}-rollback", rot.id);
-        let record = Wal::new(self.ctx.client.clone(), &self.sr).read(&rot.id).await?.ok_or_else(|| {
-            Error::permanent("WriteAheadRecordMissing", "the previous values are gone; nothing to roll back to")
-        })?;
+        let record = Wal::new(self.ctx.client.clone(), &self.sr)
+            .read(&rot.id)
+            .await?
+            .ok_or_else(|| {
+                Error::permanent(
+                    "WriteAheadRecordMissing",
+                    "the previous values are gone; nothing to roll back to",
+                )
+            })?;
         for written in &rot.targets {
-            let (Some(target), Some(previous)) =
-                (self.sr.spec.targets.iter().find(|t| t.name == written.name), record.previous.get(&written.name))
-            else {
+            let (Some(target), Some(previous)) = (
+                self.sr.spec.targets.iter().find(|t| t.name == written.name),
+                record.previous.get(&written.name),
+            ) else {
                 continue;
             };
-            store::for_target(target, &self.ctx, &self.namespace)?.write(previous, &token).await?;
+            store::for_target(target, &self.ctx, &self.namespace)?
+                .write(previous, &token)
+                .await?;
         }
         // Each ExternalSecret must hold a previous value again.
         let eso = ExternalSecrets::new(self.ctx.client.clone(), &self.namespace);
@@ -562,14 +701,20 @@ impl Reconciler {
                 }
             }
             if !synced {
-                waiting.push(format!("ExternalSecret {} does not hold the previous value yet", es.name));
+                waiting.push(format!(
+                    "ExternalSecret {} does not hold the previous value yet",
+                    es.name
+                ));
             }
         }
         if waiting.is_empty() {
             return Ok(Step::Finish(Phase::Failed));
         }
         if self.phase_timed_out() {
-            return Err(Error::permanent("RollbackTimeout", format!("rollback not synced: {}", waiting.join("; "))));
+            return Err(Error::permanent(
+                "RollbackTimeout",
+                format!("rollback not synced: {}", waiting.join("; ")),
+            ));
         }
         Ok(Step::Wait(waiting.join("; ")))
     }
@@ -584,7 +729,13 @@ impl Reconciler {
         let seconds = (now.duration_since(since).as_secs_f64() * 1000.0).round() / 1000.0;
         rot.phases.push(PhaseTiming { phase, seconds });
         rot.phase_started_at = Some(time(now));
-        self.ctx.metrics.phase_duration.get_or_create(&PhaseOnly { phase: format!("{phase:?}") }).observe(seconds);
+        self.ctx
+            .metrics
+            .phase_duration
+            .get_or_create(&PhaseOnly {
+                phase: format!("{phase:?}"),
+            })
+            .observe(seconds);
     }
 
     async fn advance(&mut self, next: Phase) -> Result<Action> {
@@ -594,20 +745,32 @@ impl Reconciler {
         let rot = self.rotation().clone();
         self.set_rotating(&format!("rotation {}: {next:?}", rot.id));
         self.write_status().await?;
-        self.ctx.metrics.set_phase(&self.namespace, &self.name, &format!("{next:?}"));
+        self.ctx
+            .metrics
+            .set_phase(&self.namespace, &self.name, &format!("{next:?}"));
         let mut note = format!("Rotation {}: {from:?} -> {next:?}", rot.id);
         if from == Phase::Writing {
-            let versions: Vec<String> = rot.targets.iter().map(|t| format!("{}={}", t.name, t.version)).collect();
+            let versions: Vec<String> = rot
+                .targets
+                .iter()
+                .map(|t| format!("{}={}", t.name, t.version))
+                .collect();
             note.push_str(&format!(" (versions written: {})", versions.join(", ")));
         }
         info!(namespace = %self.namespace, name = %self.name, rotation = %rot.id, from = ?from, to = ?next, "phase changed");
-        self.event(EventType::Normal, &format!("{next:?}"), note).await;
+        self.event(EventType::Normal, &format!("{next:?}"), note)
+            .await;
         if next == Phase::AwaitingConfirmation {
             let msg = format!(
                 "Rotation {}: the new value is proven. Invalidate the old value at the identity provider now, then run: kubectl annotate secretrotation -n {} {} {}={}",
-                rot.id, self.namespace, self.name, decide::CONFIRM_ANNOTATION, rot.id
+                rot.id,
+                self.namespace,
+                self.name,
+                decide::CONFIRM_ANNOTATION,
+                rot.id
             );
-            self.event(EventType::Normal, "InvalidateOldValue", msg).await;
+            self.event(EventType::Normal, "InvalidateOldValue", msg)
+                .await;
         }
         Ok(Action::requeue(self.ctx.poll))
     }
@@ -617,7 +780,10 @@ impl Reconciler {
         warn!(namespace = %self.namespace, name = %self.name, rotation = %self.rotation().id, reason = err.reason, error = %err.message, "rotation failing");
         let rollback = self.sr.spec.on_failure == FailurePolicy::Rollback
             && !self.rotation().targets.is_empty()
-            && !matches!(phase, Phase::RollingBack | Phase::Invalidating | Phase::AwaitingConfirmation);
+            && !matches!(
+                phase,
+                Phase::RollingBack | Phase::Invalidating | Phase::AwaitingConfirmation
+            );
         if phase == Phase::RollingBack {
             let f = self.rotation_mut().failure.get_or_insert(Failure {
                 reason: err.reason.into(),
@@ -626,8 +792,11 @@ impl Reconciler {
             });
             f.message = format!("{}; rollback failed: {}", f.message, err.message);
         } else {
-            self.rotation_mut().failure =
-                Some(Failure { reason: err.reason.into(), message: err.message.clone(), phase });
+            self.rotation_mut().failure = Some(Failure {
+                reason: err.reason.into(),
+                message: err.message.clone(),
+                phase,
+            });
         }
         if rollback {
             return self.advance(Phase::RollingBack).await;
@@ -646,10 +815,12 @@ impl Reconciler {
             failure: rot.failure.clone(),
             started_at: rot.requested_at.clone(),
             finished_at: Some(time(self.now)),
-            duration_seconds: (self.now.duration_since(started).as_secs_f64() * 1000.0).round() / 1000.0,
+            duration_seconds: (self.now.duration_since(started).as_secs_f64() * 1000.0).round()
+                / 1000.0,
             phases: rot.phases.clone(),
             targets: rot.targets.clone(),
-            rolled_back: result == Phase::Failed && rot.phases.iter().any(|p| p.phase == Phase::RollingBack),
+            rolled_back: result == Phase::Failed
+                && rot.phases.iter().any(|p| p.phase == Phase::RollingBack),
             grace_exceeded: rot.issued_at.as_ref().is_some_and(|t| {
                 decide::grace(t.0, self.grace_window(), self.now) == Grace::Exceeded
             }),
@@ -659,7 +830,8 @@ impl Reconciler {
         self.status.last_rotation = Some(summary.clone());
         self.status.observed_trigger = rot.trigger.clone();
         self.status.observed_rotate_request = rot.rotate_request.clone();
-        self.status.next_rotation_at = decide::next_rotation_at(self.sr.spec.schedule.as_ref(), self.now).map(time);
+        self.status.next_rotation_at =
+            decide::next_rotation_at(self.sr.spec.schedule.as_ref(), self.now).map(time);
         self.status.rotation = None;
         self.status.phase = Some(result);
         let (event_type, reason, message) = match (result, &rot.failure) {
@@ -669,26 +841,74 @@ impl Reconciler {
                 } else {
                     "targets left as they are (onFailure: Hold); the old value stays valid"
                 };
-                self.set_condition("Ready", "False", &f.reason, &format!("Rotation {} failed in {:?}: {}", rot.id, f.phase, f.message));
-                (EventType::Warning, "RotationFailed", format!("Rotation {} failed in {:?}: {} ({}): {kept}", rot.id, f.phase, f.reason, f.message))
+                self.set_condition(
+                    "Ready",
+                    "False",
+                    &f.reason,
+                    &format!("Rotation {} failed in {:?}: {}", rot.id, f.phase, f.message),
+                );
+                (
+                    EventType::Warning,
+                    "RotationFailed",
+                    format!(
+                        "Rotation {} failed in {:?}: {} ({}): {kept}",
+                        rot.id, f.phase, f.reason, f.message
+                    ),
+                )
             }
             (Phase::DryRunSucceeded, _) => {
-                self.set_condition("Ready", "True", "DryRunSucceeded", &format!("Dry run {}: every preflight check passed", rot.id));
-                (EventType::Normal, "DryRunSucceeded", format!("Dry run {}: every preflight check passed; nothing was changed", rot.id))
+                self.set_condition(
+                    "Ready",
+                    "True",
+                    "DryRunSucceeded",
+                    &format!("Dry run {}: every preflight check passed", rot.id),
+                );
+                (
+                    EventType::Normal,
+                    "DryRunSucceeded",
+                    format!(
+                        "Dry run {}: every preflight check passed; nothing was changed",
+                        rot.id
+                    ),
+                )
             }
             _ => {
-                let versions: Vec<String> = rot.targets.iter().map(|t| format!("{}={}", t.name, t.version)).collect();
-                self.set_condition("Ready", "True", "Rotated", &format!("Rotation {} succeeded", rot.id));
+                let versions: Vec<String> = rot
+                    .targets
+                    .iter()
+                    .map(|t| format!("{}={}", t.name, t.version))
+                    .collect();
+                self.set_condition(
+                    "Ready",
+                    "True",
+                    "Rotated",
+                    &format!("Rotation {} succeeded", rot.id),
+                );
                 (
                     EventType::Normal,
                     "RotationSucceeded",
-                    format!("Rotation {} succeeded in {:.0}s (versions: {}); the old value is invalidated", rot.id, summary.duration_seconds, versions.join(", ")),
+                    format!(
+                        "Rotation {} succeeded in {:.0}s (versions: {}); the old value is invalidated",
+                        rot.id,
+                        summary.duration_seconds,
+                        versions.join(", ")
+                    ),
                 )
             }
         };
-        self.set_condition("Rotating", "False", &format!("{result:?}"), &format!("Rotation {} ended: {result:?}", rot.id));
+        self.set_condition(
+            "Rotating",
+            "False",
+            &format!("{result:?}"),
+            &format!("Rotation {} ended: {result:?}", rot.id),
+        );
         if !summary.grace_exceeded {
-            self.set_condition("GraceWindowAtRisk", "False", "WithinGraceWindow", "The last rotation ended within the grace window");
+            self.set_condition(
+                "GraceWindowAtRisk",
+                "False",
+                "WithinGraceWindow",
+                "The last rotation ended within the grace window",
+            );
         }
         self.write_status().await?;
         Wal::new(self.ctx.client.clone(), &self.sr).delete().await?;
@@ -699,10 +919,18 @@ impl Reconciler {
                 namespace: self.namespace.clone(),
                 name: self.name.clone(),
                 result: format!("{result:?}"),
-                reason: rot.failure.as_ref().map(|f| f.reason.clone()).unwrap_or_default(),
+                reason: rot
+                    .failure
+                    .as_ref()
+                    .map(|f| f.reason.clone())
+                    .unwrap_or_default(),
             })
             .inc();
-        m.rotation_duration.get_or_create(&PhaseOnly { phase: format!("{result:?}") }).observe(summary.duration_seconds);
+        m.rotation_duration
+            .get_or_create(&PhaseOnly {
+                phase: format!("{result:?}"),
+            })
+            .observe(summary.duration_seconds);
         m.set_phase(&self.namespace, &self.name, &format!("{result:?}"));
         m.grace_seconds_left.remove(&self.labels());
         info!(namespace = %self.namespace, name = %self.name, rotation = %rot.id, result = ?result, "rotation finished");
@@ -712,7 +940,9 @@ impl Reconciler {
 
     /// Grace-aware: warns once (Event + condition) when proof is late.
     async fn watch_grace(&mut self) {
-        let Some(issued) = self.rotation().issued_at.as_ref().map(|t| t.0) else { return };
+        let Some(issued) = self.rotation().issued_at.as_ref().map(|t| t.0) else {
+            return;
+        };
         let window = self.grace_window();
         self.ctx
             .metrics
@@ -720,18 +950,36 @@ impl Reconciler {
             .get_or_create(&self.labels())
             .set(decide::grace_left(issued, window, self.now));
         let state = decide::grace(issued, window, self.now);
-        if state == Grace::Ok || matches!(self.phase(), Phase::Invalidating | Phase::AwaitingConfirmation) {
+        if state == Grace::Ok
+            || matches!(
+                self.phase(),
+                Phase::Invalidating | Phase::AwaitingConfirmation
+            )
+        {
             return;
         }
         let (reason, msg) = match state {
-            Grace::Exceeded => ("GraceWindowExceeded", "the old value's grace window has ended before proof: it may already be invalid at the identity provider"),
-            _ => ("GraceWindowAtRisk", "less than 20% of the old value's grace window is left and the proof is not complete"),
+            Grace::Exceeded => (
+                "GraceWindowExceeded",
+                "the old value's grace window has ended before proof: it may already be invalid at the identity provider",
+            ),
+            _ => (
+                "GraceWindowAtRisk",
+                "less than 20% of the old value's grace window is left and the proof is not complete",
+            ),
         };
         let id = self.rotation().id.clone();
-        let message = format!("Rotation {id} in {:?}: {msg} (oldValueValidFor {})", self.phase(), self.sr.spec.old_value_valid_for);
+        let message = format!(
+            "Rotation {id} in {:?}: {msg} (oldValueValidFor {})",
+            self.phase(),
+            self.sr.spec.old_value_valid_for
+        );
         self.set_condition("GraceWindowAtRisk", "True", reason, &message);
         let warned = self.rotation().grace_warned;
-        if !warned || state == Grace::Exceeded && self.written_condition_reason("GraceWindowAtRisk") != Some(reason) {
+        if !warned
+            || state == Grace::Exceeded
+                && self.written_condition_reason("GraceWindowAtRisk") != Some(reason)
+        {
             self.rotation_mut().grace_warned = true;
             warn!(namespace = %self.namespace, name = %self.name, rotation = %id, reason, "grace window at risk");
             self.event(EventType::Warning, reason, message).await;
@@ -741,7 +989,11 @@ impl Reconciler {
     // ---- status helpers ----
 
     fn written_condition_reason(&self, type_: &str) -> Option<&str> {
-        self.written.conditions.iter().find(|c| c.type_ == type_).map(|c| c.reason.as_str())
+        self.written
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.reason.as_str())
     }
 
     fn set_rotating(&mut self, message: &str) {
@@ -786,11 +1038,19 @@ impl Reconciler {
             "status": self.status,
         });
         let updated = api
-            .patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .patch_status(
+                &self.name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
             .await
             .map_err(|e| Error::kube("write status", e))?;
         if let Some(rv) = updated.resource_version().and_then(|v| v.parse().ok()) {
-            self.ctx.written.lock().unwrap().insert((self.namespace.clone(), self.name.clone()), rv);
+            self.ctx
+                .written
+                .lock()
+                .unwrap()
+                .insert((self.namespace.clone(), self.name.clone()), rv);
         }
         self.written = self.status.clone();
         Ok(())
@@ -804,18 +1064,30 @@ impl Reconciler {
             action: "Rotate".into(),
             secondary: None,
         };
-        if let Err(e) = self.ctx.recorder.publish(&event, &self.sr.object_ref(&())).await {
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.sr.object_ref(&()))
+            .await
+        {
             warn!(error = %e, "could not publish event");
         }
     }
 }
 
 fn waits_for_a_person(phase: Phase) -> bool {
-    matches!(phase, Phase::AwaitingApproval | Phase::AwaitingConfirmation | Phase::Invalidating)
+    matches!(
+        phase,
+        Phase::AwaitingApproval | Phase::AwaitingConfirmation | Phase::Invalidating
+    )
 }
 
 fn store_provider(target: &Target) -> &'static str {
-    if target.kubernetes_secret.is_some() { "kubernetes" } else { "unknown" }
+    if target.kubernetes_secret.is_some() {
+        "kubernetes"
+    } else {
+        "unknown"
+    }
 }
 
 /// A rotation id: sortable by time, unique, safe as an idempotency key.

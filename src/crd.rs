@@ -4,6 +4,10 @@
 //! descriptions and show in `kubectl explain`. Developer notes use `//`.
 //! Every rule that needs no cluster lookup is a CEL rule in the schema.
 
+// kube's printcolumn(...) entries repeat `type_ = ...`, which clippy mistakes
+// for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -23,10 +27,26 @@ use serde::{Deserialize, Serialize};
     shortname = "srot",
     category = "rekey",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Last Rotation", type_ = "date", json_path = ".status.lastRotation.finishedAt"),
-    printcolumn(name = "Last Result", type_ = "string", json_path = ".status.lastRotation.result"),
-    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Last Rotation",
+        type_ = "date",
+        json_path = ".status.lastRotation.finishedAt"
+    ),
+    printcolumn(
+        name = "Last Result",
+        type_ = "string",
+        json_path = ".status.lastRotation.result"
+    ),
+    printcolumn(
+        name = "Next Rotation",
+        type_ = "date",
+        json_path = ".status.nextRotationAt"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(
     validation = Rule::new("(has(self.proof.nothingToProve) && self.proof.nothingToProve) || (has(self.proof.externalSecrets) && size(self.proof.externalSecrets) > 0) || (has(self.proof.workloads) && size(self.proof.workloads) > 0)")
@@ -195,7 +215,10 @@ pub struct SecretKeyRef {
 pub struct Target {
     /// Name of the target, unique in this SecretRotation, e.g. `dev-stage` or
     /// `prod`. Shown in status and Events.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// A Kubernetes Secret, e.g. one that ESO's kubernetes provider reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,7 +433,10 @@ pub enum Phase {
 
 impl Phase {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::DryRunSucceeded)
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::DryRunSucceeded
+        )
     }
 }
 

@@ -94,7 +94,9 @@ pub fn next_rotation_at(schedule: Option<&Schedule>, after: Timestamp) -> Option
     let schedule = schedule?;
     if let Some(every) = schedule.every.as_deref() {
         let d = duration::parse(every)?;
-        return after.checked_add(jiff::SignedDuration::try_from(d).ok()?).ok();
+        return after
+            .checked_add(jiff::SignedDuration::try_from(d).ok()?)
+            .ok();
     }
     let cron = schedule.cron.as_deref()?;
     next_cron(cron, after)
@@ -193,16 +195,36 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn served<'a>(trigger: Option<&'a str>, ann: Option<&'a str>, next: Option<&str>) -> Served<'a> {
-        Served { trigger, rotate_request: ann, ever_rotated: true, next_rotation_at: next.map(ts) }
+    fn served<'a>(
+        trigger: Option<&'a str>,
+        ann: Option<&'a str>,
+        next: Option<&str>,
+    ) -> Served<'a> {
+        Served {
+            trigger,
+            rotate_request: ann,
+            ever_rotated: true,
+            next_rotation_at: next.map(ts),
+        }
     }
 
     #[test]
     fn creation_requests_the_first_rotation() {
-        let never = Served { trigger: None, rotate_request: None, ever_rotated: false, next_rotation_at: None };
+        let never = Served {
+            trigger: None,
+            rotate_request: None,
+            ever_rotated: false,
+            next_rotation_at: None,
+        };
         let now = ts("2026-01-01T00:00:00Z");
-        assert_eq!(rotation_request(&spec(), &never, &BTreeMap::new(), now), Some(Request::Created));
-        assert_eq!(rotation_request(&spec(), &served(None, None, None), &BTreeMap::new(), now), None);
+        assert_eq!(
+            rotation_request(&spec(), &never, &BTreeMap::new(), now),
+            Some(Request::Created)
+        );
+        assert_eq!(
+            rotation_request(&spec(), &served(None, None, None), &BTreeMap::new(), now),
+            None
+        );
     }
 
     #[test]
@@ -214,14 +236,23 @@ mod tests {
             rotation_request(&s, &served(Some("CHG1"), None, None), &BTreeMap::new(), now),
             Some(Request::TriggerChanged)
         );
-        assert_eq!(rotation_request(&s, &served(Some("CHG2"), None, None), &BTreeMap::new(), now), None);
+        assert_eq!(
+            rotation_request(&s, &served(Some("CHG2"), None, None), &BTreeMap::new(), now),
+            None
+        );
     }
 
     #[test]
     fn on_demand_annotation_requests_once_per_value() {
         let now = ts("2026-01-01T00:00:00Z");
-        let ann = BTreeMap::from([(ROTATE_ANNOTATION.to_string(), "2026-01-01T00:00:00Z".to_string())]);
-        assert_eq!(rotation_request(&spec(), &served(None, None, None), &ann, now), Some(Request::OnDemand));
+        let ann = BTreeMap::from([(
+            ROTATE_ANNOTATION.to_string(),
+            "2026-01-01T00:00:00Z".to_string(),
+        )]);
+        assert_eq!(
+            rotation_request(&spec(), &served(None, None, None), &ann, now),
+            Some(Request::OnDemand)
+        );
         let done = served(None, Some("2026-01-01T00:00:00Z"), None);
         assert_eq!(rotation_request(&spec(), &done, &ann, now), None);
     }
@@ -229,26 +260,41 @@ mod tests {
     #[test]
     fn schedule_fires_when_due_and_not_before() {
         let mut s = spec();
-        s.schedule = Some(Schedule { every: Some("1h".into()), cron: None });
+        s.schedule = Some(Schedule {
+            every: Some("1h".into()),
+            cron: None,
+        });
         let due = served(None, None, Some("2026-01-01T01:00:00Z"));
-        assert_eq!(rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-01T00:59:59Z")), None);
+        assert_eq!(
+            rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-01T00:59:59Z")),
+            None
+        );
         assert_eq!(
             rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-01T01:00:00Z")),
             Some(Request::Schedule)
         );
         // Removing the schedule cancels a due rotation.
         s.schedule = None;
-        assert_eq!(rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-02T00:00:00Z")), None);
+        assert_eq!(
+            rotation_request(&s, &due, &BTreeMap::new(), ts("2026-01-02T00:00:00Z")),
+            None
+        );
     }
 
     #[test]
     fn next_rotation_by_interval_and_cron() {
-        let every = Schedule { every: Some("2160h".into()), cron: None };
+        let every = Schedule {
+            every: Some("2160h".into()),
+            cron: None,
+        };
         assert_eq!(
             next_rotation_at(Some(&every), ts("2026-01-01T00:00:00Z")),
             Some(ts("2026-04-01T00:00:00Z"))
         );
-        let cron = Schedule { every: None, cron: Some("0 3 1 * *".into()) };
+        let cron = Schedule {
+            every: None,
+            cron: Some("0 3 1 * *".into()),
+        };
         assert_eq!(
             next_rotation_at(Some(&cron), ts("2026-01-15T10:00:00Z")),
             Some(ts("2026-02-01T03:00:00Z"))
@@ -276,12 +322,30 @@ mod tests {
         };
         assert!(rollout_complete(&done));
         for broken in [
-            RolloutFacts { observed_generation: 1, ..done.clone() },
-            RolloutFacts { updated: 2, ..done.clone() },
-            RolloutFacts { ready: 2, ..done.clone() },
-            RolloutFacts { available: 2, ..done.clone() },
-            RolloutFacts { current: 4, ..done.clone() }, // an old pod is still there
-            RolloutFacts { revisions_converged: false, ..done.clone() },
+            RolloutFacts {
+                observed_generation: 1,
+                ..done.clone()
+            },
+            RolloutFacts {
+                updated: 2,
+                ..done.clone()
+            },
+            RolloutFacts {
+                ready: 2,
+                ..done.clone()
+            },
+            RolloutFacts {
+                available: 2,
+                ..done.clone()
+            },
+            RolloutFacts {
+                current: 4,
+                ..done.clone()
+            }, // an old pod is still there
+            RolloutFacts {
+                revisions_converged: false,
+                ..done.clone()
+            },
         ] {
             assert!(!rollout_complete(&broken), "{broken:?}");
         }
@@ -293,14 +357,25 @@ mod tests {
         let w = Duration::from_secs(1800);
         assert_eq!(grace(issued, w, ts("2026-01-01T00:23:59Z")), Grace::Ok);
         assert_eq!(grace(issued, w, ts("2026-01-01T00:24:00Z")), Grace::AtRisk);
-        assert_eq!(grace(issued, w, ts("2026-01-01T00:30:00Z")), Grace::Exceeded);
+        assert_eq!(
+            grace(issued, w, ts("2026-01-01T00:30:00Z")),
+            Grace::Exceeded
+        );
         assert_eq!(grace_left(issued, w, ts("2026-01-01T00:10:00Z")), 1200.0);
     }
 
     #[test]
     fn timeouts() {
         let t0 = ts("2026-01-01T00:00:00Z");
-        assert!(!timed_out(t0, Duration::from_secs(60), ts("2026-01-01T00:01:00Z")));
-        assert!(timed_out(t0, Duration::from_secs(60), ts("2026-01-01T00:01:01Z")));
+        assert!(!timed_out(
+            t0,
+            Duration::from_secs(60),
+            ts("2026-01-01T00:01:00Z")
+        ));
+        assert!(timed_out(
+            t0,
+            Duration::from_secs(60),
+            ts("2026-01-01T00:01:01Z")
+        ));
     }
 }

@@ -16,22 +16,35 @@ pub struct Error {
 
 impl Error {
     pub fn permanent(reason: &'static str, message: impl Into<String>) -> Self {
-        Self { reason, message: message.into(), permanent: true }
+        Self {
+            reason,
+            message: message.into(),
+            permanent: true,
+        }
     }
 
     pub fn transient(reason: &'static str, message: impl Into<String>) -> Self {
-        Self { reason, message: message.into(), permanent: false }
+        Self {
+            reason,
+            message: message.into(),
+            permanent: false,
+        }
     }
 
     /// Wraps a Kubernetes API error. The API server's message names objects,
     /// never Secret data, so it is safe to keep.
     pub fn kube(context: &str, err: kube::Error) -> Self {
-        let permanent = matches!(&err, kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422));
+        let permanent =
+            matches!(&err, kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422));
         let detail = match &err {
             kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
             other => other.to_string(),
         };
-        Self { reason: "KubernetesApiError", message: format!("{context}: {detail}"), permanent }
+        Self {
+            reason: "KubernetesApiError",
+            message: format!("{context}: {detail}"),
+            permanent,
+        }
     }
 
     /// Wraps an HTTP client error without its body or URL query.

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 
 #[derive(Parser)]
-#[command(name = "rekey", version, about = "Rotates credentials end to end, with proof")]
+#[command(
+    name = "rekey",
+    version,
+    about = "Rotates credentials end to end, with proof"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,13 +46,24 @@ async fn main() -> anyhow::Result<()> {
     rekey::install_crypto_provider();
     match Cli::parse().command {
         Command::Crd => {
-            print!("{}", serde_yaml::to_string(&rekey::crd::SecretRotation::crd())?);
+            print!(
+                "{}",
+                serde_yaml::to_string(&rekey::crd::SecretRotation::crd())?
+            );
         }
-        Command::Run { metrics_addr, namespaces, poll, log_format } => {
+        Command::Run {
+            metrics_addr,
+            namespaces,
+            poll,
+            log_format,
+        } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
             if log_format == "json" {
-                tracing_subscriber::fmt().json().with_env_filter(filter).init();
+                tracing_subscriber::fmt()
+                    .json()
+                    .with_env_filter(filter)
+                    .init();
             } else {
                 tracing_subscriber::fmt().with_env_filter(filter).init();
             }

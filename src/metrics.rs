@@ -93,32 +93,79 @@ impl Metrics {
             provider_latency: Family::new_with_constructor(latency_histogram),
             reconcile_errors: Family::default(),
         };
-        r.register("rotations_started", "Rotations started", m.rotations_started.clone());
-        r.register("rotations_finished", "Rotations finished, by result and failure reason", m.rotations_finished.clone());
-        r.register("rotation_duration_seconds", "Duration of finished rotations (label phase: the result)", m.rotation_duration.clone());
-        r.register("phase_duration_seconds", "Time spent in each rotation phase", m.phase_duration.clone());
-        r.register("rotation_phase", "1 for the current phase of each SecretRotation", m.current_phase.clone());
-        r.register("grace_seconds_left", "Seconds until the old value's grace window ends, for rotations in progress", m.grace_seconds_left.clone());
-        r.register("provider_calls", "Calls to stores and identity providers", m.provider_calls.clone());
-        r.register("provider_call_duration_seconds", "Latency of calls to stores and identity providers", m.provider_latency.clone());
-        r.register("reconcile_errors", "Reconcile errors", m.reconcile_errors.clone());
+        r.register(
+            "rotations_started",
+            "Rotations started",
+            m.rotations_started.clone(),
+        );
+        r.register(
+            "rotations_finished",
+            "Rotations finished, by result and failure reason",
+            m.rotations_finished.clone(),
+        );
+        r.register(
+            "rotation_duration_seconds",
+            "Duration of finished rotations (label phase: the result)",
+            m.rotation_duration.clone(),
+        );
+        r.register(
+            "phase_duration_seconds",
+            "Time spent in each rotation phase",
+            m.phase_duration.clone(),
+        );
+        r.register(
+            "rotation_phase",
+            "1 for the current phase of each SecretRotation",
+            m.current_phase.clone(),
+        );
+        r.register(
+            "grace_seconds_left",
+            "Seconds until the old value's grace window ends, for rotations in progress",
+            m.grace_seconds_left.clone(),
+        );
+        r.register(
+            "provider_calls",
+            "Calls to stores and identity providers",
+            m.provider_calls.clone(),
+        );
+        r.register(
+            "provider_call_duration_seconds",
+            "Latency of calls to stores and identity providers",
+            m.provider_latency.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconcile errors",
+            m.reconcile_errors.clone(),
+        );
         *m.registry.lock().unwrap() = r;
         m
     }
 
     pub fn provider_call(&self, provider: &str, call: &str, outcome: &str, took: Duration) {
         self.provider_calls
-            .get_or_create(&CallLabels { provider: provider.into(), call: call.into(), outcome: outcome.into() })
+            .get_or_create(&CallLabels {
+                provider: provider.into(),
+                call: call.into(),
+                outcome: outcome.into(),
+            })
             .inc();
         self.provider_latency
-            .get_or_create(&CallKind { provider: provider.into(), call: call.into() })
+            .get_or_create(&CallKind {
+                provider: provider.into(),
+                call: call.into(),
+            })
             .observe(took.as_secs_f64());
     }
 
     /// Sets the phase gauge of one SecretRotation (1 for `phase`, 0 for others it had).
     pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) {
         for p in crate::controller::ALL_PHASES {
-            let l = PhaseLabels { namespace: namespace.into(), name: name.into(), phase: format!("{p:?}") };
+            let l = PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: format!("{p:?}"),
+            };
             if format!("{p:?}") == phase {
                 self.current_phase.get_or_create(&l).set(1);
             } else if self.current_phase.get(&l).is_some() {
@@ -129,7 +176,8 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap()).unwrap();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
+            .unwrap();
         out
     }
 }

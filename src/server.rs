@@ -15,7 +15,16 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move { ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()).into_response() }
+                async move {
+                    (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                        .into_response()
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok" }))

@@ -73,6 +73,10 @@ mod tests {
         let w = SecretValue::generate(64, Alphabet::Hex);
         assert!(!v.same_as(&w), "two draws of 256 bits must differ");
         let b = SecretValue::generate(200, Alphabet::Base64Url);
-        assert!(b.expose().chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(
+            b.expose()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
     }
 }

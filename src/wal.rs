@@ -28,7 +28,10 @@ pub struct Record {
 }
 
 pub fn secret_name(rotation_name: &str) -> String {
-    let base: String = rotation_name.chars().take(253 - ".rekey-wal".len()).collect();
+    let base: String = rotation_name
+        .chars()
+        .take(253 - ".rekey-wal".len())
+        .collect();
     format!("{base}.rekey-wal")
 }
 
@@ -40,43 +43,80 @@ pub struct Wal {
 impl Wal {
     pub fn new(client: Client, sr: &SecretRotation) -> Self {
         let ns = sr.metadata.namespace.clone().unwrap_or_default();
-        Self { api: Api::namespaced(client, &ns), name: secret_name(&sr.metadata.name.clone().unwrap_or_default()) }
+        Self {
+            api: Api::namespaced(client, &ns),
+            name: secret_name(&sr.metadata.name.clone().unwrap_or_default()),
+        }
     }
 
     /// The record of `rotation_id`, if one was written.
     pub async fn read(&self, rotation_id: &str) -> Result<Option<Record>> {
-        let Some(secret) = self.api.get_opt(&self.name).await.map_err(|e| Error::kube("read write-ahead record", e))? else {
+        let Some(secret) = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::kube("read write-ahead record", e))?
+        else {
             return Ok(None);
         };
         let data = secret.data.unwrap_or_default();
         let text = |k: &str| data.get(k).and_then(|b| SecretValue::from_bytes(&b.0));
-        if text(ROTATION_KEY).map(|v| v.expose().to_string()).as_deref() != Some(rotation_id) {
+        if text(ROTATION_KEY)
+            .map(|v| v.expose().to_string())
+            .as_deref()
+            != Some(rotation_id)
+        {
             return Ok(None);
         }
-        let Some(new) = text(NEW_KEY) else { return Ok(None) };
+        let Some(new) = text(NEW_KEY) else {
+            return Ok(None);
+        };
         let previous = data
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(PREVIOUS_PREFIX)?.to_string(), SecretValue::from_bytes(&v.0)?)))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix(PREVIOUS_PREFIX)?.to_string(),
+                    SecretValue::from_bytes(&v.0)?,
+                ))
+            })
             .collect();
-        Ok(Some(Record { rotation_id: rotation_id.into(), new, previous }))
+        Ok(Some(Record {
+            rotation_id: rotation_id.into(),
+            new,
+            previous,
+        }))
     }
 
     /// Writes (replaces) the record, owned by the SecretRotation.
     pub async fn write(&self, sr: &SecretRotation, record: &Record) -> Result<()> {
         let mut data = BTreeMap::from([
-            (ROTATION_KEY.to_string(), ByteString(record.rotation_id.as_bytes().to_vec())),
-            (NEW_KEY.to_string(), ByteString(record.new.expose().as_bytes().to_vec())),
+            (
+                ROTATION_KEY.to_string(),
+                ByteString(record.rotation_id.as_bytes().to_vec()),
+            ),
+            (
+                NEW_KEY.to_string(),
+                ByteString(record.new.expose().as_bytes().to_vec()),
+            ),
         ]);
         for (target, value) in &record.previous {
-            data.insert(format!("{PREVIOUS_PREFIX}{target}"), ByteString(value.expose().as_bytes().to_vec()));
+            data.insert(
+                format!("{PREVIOUS_PREFIX}{target}"),
+                ByteString(value.expose().as_bytes().to_vec()),
+            );
         }
-        let owner = sr.controller_owner_ref(&()).ok_or_else(|| Error::permanent("Internal", "SecretRotation has no uid"))?;
+        let owner = sr
+            .controller_owner_ref(&())
+            .ok_or_else(|| Error::permanent("Internal", "SecretRotation has no uid"))?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 labels: Some(BTreeMap::from([
                     (WAL_LABEL.to_string(), "true".to_string()),
-                    ("app.kubernetes.io/managed-by".to_string(), "rekey".to_string()),
+                    (
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "rekey".to_string(),
+                    ),
                 ])),
                 owner_references: Some(vec![owner]),
                 ..Default::default()
@@ -85,11 +125,16 @@ impl Wal {
             type_: Some("Opaque".into()),
             ..Default::default()
         };
-        let mut body = serde_json::to_value(&secret).map_err(|_| Error::permanent("Internal", "encode record"))?;
+        let mut body = serde_json::to_value(&secret)
+            .map_err(|_| Error::permanent("Internal", "encode record"))?;
         body["apiVersion"] = "v1".into();
         body["kind"] = "Secret".into();
         self.api
-            .patch(&self.name, &PatchParams::apply("rekey").force(), &Patch::Apply(&body))
+            .patch(
+                &self.name,
+                &PatchParams::apply("rekey").force(),
+                &Patch::Apply(&body),
+            )
             .await
             .map_err(|e| Error::kube("write write-ahead record", e))?;
         Ok(())

@@ -43,7 +43,9 @@ async fn deployment_rolls_out_on_kwok_nodes() {
     let client = common::client_for(c).await;
     let ns = common::namespace(&client, "rollout").await;
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    deps.create(&PostParams::default(), &deployment("web", 3)).await.unwrap();
+    deps.create(&PostParams::default(), &deployment("web", 3))
+        .await
+        .unwrap();
 
     let took = common::wait_for("3/3 available", Duration::from_secs(90), || async {
         fully_rolled_out(&deps.get("web").await.unwrap(), 3)
@@ -53,23 +55,39 @@ async fn deployment_rolls_out_on_kwok_nodes() {
 
     // Change the pod template: a new ReplicaSet must roll out completely.
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {"rekey.dev/test-restart": "1"}}}}});
-    deps.patch("web", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let took = common::wait_for("rollout of new template", Duration::from_secs(120), || async {
-        fully_rolled_out(&deps.get("web").await.unwrap(), 3)
-    })
+    deps.patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let took = common::wait_for(
+        "rollout of new template",
+        Duration::from_secs(120),
+        || async { fully_rolled_out(&deps.get("web").await.unwrap(), 3) },
+    )
     .await;
     eprintln!("template rollout complete in {took:?}");
 
     let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-    let list = rss.list(&ListParams::default().labels("app=web")).await.unwrap();
+    let list = rss
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
     assert_eq!(list.items.len(), 2, "one ReplicaSet per template revision");
     let mut sizes: Vec<(i32, i32)> = list
         .items
         .iter()
-        .map(|rs| (rs.spec.as_ref().unwrap().replicas.unwrap(), rs.status.as_ref().unwrap().replicas))
+        .map(|rs| {
+            (
+                rs.spec.as_ref().unwrap().replicas.unwrap(),
+                rs.status.as_ref().unwrap().replicas,
+            )
+        })
         .collect();
     sizes.sort();
-    assert_eq!(sizes, vec![(0, 0), (3, 3)], "old ReplicaSet scaled to 0, new one holds all 3");
+    assert_eq!(
+        sizes,
+        vec![(0, 0), (3, 3)],
+        "old ReplicaSet scaled to 0, new one holds all 3"
+    );
 }
 
 fn ar(kind: &str) -> ApiResource {
@@ -81,7 +99,10 @@ fn secret(name: &str, data: serde_json::Value) -> Secret {
 }
 
 fn read_key(s: &Secret, key: &str) -> Option<String> {
-    s.data.as_ref()?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    s.data
+        .as_ref()?
+        .get(key)
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
 }
 
 #[tokio::test]
@@ -91,11 +112,20 @@ async fn eso_syncs_and_refreshes_on_request() {
     let ns = common::namespace(&client, "eso").await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let first = common::canary("first");
-    secrets.create(&PostParams::default(), &secret("source", json!({"password": first}))).await.unwrap();
     secrets
         .create(
             &PostParams::default(),
-            &secret("eso-auth", json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem})),
+            &secret("source", json!({"password": first})),
+        )
+        .await
+        .unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret(
+                "eso-auth",
+                json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem}),
+            ),
         )
         .await
         .unwrap();
@@ -149,14 +179,23 @@ async fn eso_syncs_and_refreshes_on_request() {
         .unwrap();
     // Without a refresh request nothing changes for an hour; ask for one.
     let ask = json!({"metadata": {"annotations": {"force-sync": "1"}}});
-    ess.patch("app-creds", &PatchParams::default(), &Patch::Merge(&ask)).await.unwrap();
-    let took = common::wait_for("refresh after force-sync", Duration::from_secs(30), || async {
-        let s = secrets.get("app-creds").await.unwrap();
-        read_key(&s, "password").as_deref() == Some(second.as_str())
-    })
+    ess.patch("app-creds", &PatchParams::default(), &Patch::Merge(&ask))
+        .await
+        .unwrap();
+    let took = common::wait_for(
+        "refresh after force-sync",
+        Duration::from_secs(30),
+        || async {
+            let s = secrets.get("app-creds").await.unwrap();
+            read_key(&s, "password").as_deref() == Some(second.as_str())
+        },
+    )
     .await;
     eprintln!("refresh on request in {took:?}");
-    assert!(took < Duration::from_secs(30), "refresh took {took:?}, refreshInterval is 1h");
+    assert!(
+        took < Duration::from_secs(30),
+        "refresh took {took:?}, refreshInterval is 1h"
+    );
 }
 
 fn base64_encode(s: &str) -> String {
@@ -167,7 +206,12 @@ fn base64_encode(s: &str) -> String {
 fn alive(pid: u32) -> bool {
     // A zombie (state Z) is dead for our purposes: its parent has not reaped it.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -177,14 +221,31 @@ fn alive(pid: u32) -> bool {
 #[test]
 #[ignore = "helper, run by no_process_outlives_* in a child process"]
 fn helper_start_cluster_then_die() {
-    let Ok(pidfile) = std::env::var("REKEY_PIDFILE") else { return };
+    let Ok(pidfile) = std::env::var("REKEY_PIDFILE") else {
+        return;
+    };
     let dir = common::cluster::repo_root()
         .join("target/testenv-runs")
         .join(format!("orphan-check-{}", std::process::id()));
-    let c = common::Cluster::start(&dir, &common::Options { nodes: 1, eso: true, eso_env: vec![] }).unwrap();
+    let c = common::Cluster::start(
+        &dir,
+        &common::Options {
+            nodes: 1,
+            eso: true,
+            eso_env: vec![],
+        },
+    )
+    .unwrap();
     let mut pids = c.pids();
     pids.push(c.process_group() as u32);
-    std::fs::write(&pidfile, pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        &pidfile,
+        pids.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
     if std::env::var("REKEY_DIE").as_deref() == Ok("sigkill") {
         std::thread::sleep(Duration::from_secs(600)); // the parent kills us
     }
@@ -196,7 +257,12 @@ fn run_helper_and_check(die: &str) {
     let pidfile = std::env::temp_dir().join(format!("rekey-pids-{die}-{}", std::process::id()));
     let _ = std::fs::remove_file(&pidfile);
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "helper_start_cluster_then_die", "--nocapture"])
+        .args([
+            "--ignored",
+            "--exact",
+            "helper_start_cluster_then_die",
+            "--nocapture",
+        ])
         .env("REKEY_PIDFILE", &pidfile)
         .env("REKEY_DIE", die)
         .stdout(std::process::Stdio::null())
@@ -218,13 +284,19 @@ fn run_helper_and_check(die: &str) {
         .lines()
         .map(|l| l.parse().unwrap())
         .collect();
-    assert!(pids.len() >= 7, "etcd, apiserver, kcm, scheduler, kwok, eso and the watchdog: {pids:?}");
+    assert!(
+        pids.len() >= 7,
+        "etcd, apiserver, kcm, scheduler, kwok, eso and the watchdog: {pids:?}"
+    );
     let start = std::time::Instant::now();
     while pids.iter().any(|p| alive(*p)) && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
-    assert!(left.is_empty(), "processes outlived the test binary ({die}): {left:?}");
+    assert!(
+        left.is_empty(),
+        "processes outlived the test binary ({die}): {left:?}"
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@ use common::fixtures::*;
 use common::operator::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ResourceQuota;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use rekey::crd::Phase;
 use serde_json::json;
 
@@ -27,17 +27,34 @@ async fn generated_value_rotates_through_eso_and_rollout() {
     assert_eq!(revisions(&client, &ns, "app").await, 1);
     let op = Operator::start(c, &ns);
 
-    create_rotation(&client, &ns, "app-secret", rotation_spec(json!({"generated": {"length": 40}}))).await;
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(json!({"generated": {"length": 40}})),
+    )
+    .await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
 
     // The value ESO delivers is new, has the requested shape, and is what the store holds.
-    let synced = read_key(&client, &ns, "app-creds", "client_secret").await.unwrap();
+    let synced = read_key(&client, &ns, "app-creds", "client_secret")
+        .await
+        .unwrap();
     assert_ne!(synced, old);
     assert_eq!(synced.len(), 40);
     assert!(synced.chars().all(|c| c.is_ascii_alphanumeric()));
-    assert_eq!(read_key(&client, &ns, "source", "client_secret").await.as_deref(), Some(synced.as_str()));
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(synced.as_str())
+    );
     // The Deployment rolled exactly once, and completely.
-    assert_eq!(revisions(&client, &ns, "app").await, 2, "exactly one rollout");
+    assert_eq!(
+        revisions(&client, &ns, "app").await,
+        2,
+        "exactly one rollout"
+    );
     assert!(deployment_available(&client, &ns, "app").await);
 
     // Status tells the story: result, phases with durations, versions, history.
@@ -63,33 +80,65 @@ async fn generated_value_rotates_through_eso_and_rollout() {
     assert!(!last.targets[0].version.is_empty());
     assert_eq!(status.history.len(), 1);
     assert!(status.rotation.is_none());
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Rotated"));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Rotated")
+    );
     // Events name the rotation and the versions, phase by phase.
     let notes = event_notes(&client, &ns, "app-secret").await;
     let reasons: Vec<&str> = notes.iter().map(|(r, _)| r.as_str()).collect();
-    for want in ["RotationRequested", "Issuing", "Writing", "AwaitingSync", "AwaitingRollout", "RotationSucceeded"] {
+    for want in [
+        "RotationRequested",
+        "Issuing",
+        "Writing",
+        "AwaitingSync",
+        "AwaitingRollout",
+        "RotationSucceeded",
+    ] {
         assert!(reasons.contains(&want), "missing Event {want}: {reasons:?}");
     }
-    assert!(notes.iter().all(|(_, n)| n.contains(&last.id)), "every Event names the rotation id");
-    assert!(notes.iter().any(|(_, n)| n.contains(&format!("main={}", last.targets[0].version))));
+    assert!(
+        notes.iter().all(|(_, n)| n.contains(&last.id)),
+        "every Event names the rotation id"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|(_, n)| n.contains(&format!("main={}", last.targets[0].version)))
+    );
     // The write-ahead record is gone: no copy of the value lingers.
-    assert!(read_key(&client, &ns, &rekey::wal::secret_name("app-secret"), "new").await.is_none());
+    assert!(
+        read_key(&client, &ns, &rekey::wal::secret_name("app-secret"), "new")
+            .await
+            .is_none()
+    );
 
     let metrics = op.scrape().await;
-    assert!(metrics.contains("rekey_rotations_finished_total{namespace=\"") && metrics.contains("result=\"Succeeded\""));
+    assert!(
+        metrics.contains("rekey_rotations_finished_total{namespace=\"")
+            && metrics.contains("result=\"Succeeded\"")
+    );
     assert_never_leaked(&client, &ns, &op.logs(), &metrics, &[&old, &synced]).await;
 }
 
 /// Records webhook calls; at the moment of the invalidate call it also
 /// records what the cluster looked like.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct WebhookLog {
     issued: Vec<(String, String)>,
     invalidated: Vec<(String, Instant, Option<String>, bool)>,
 }
 
-async fn webhook_server(client: Client, ns: String, values: Vec<String>) -> (String, Arc<Mutex<WebhookLog>>) {
+async fn webhook_server(
+    client: Client,
+    ns: String,
+    values: Vec<String>,
+) -> (String, Arc<Mutex<WebhookLog>>) {
     use axum::extract::State;
     use axum::http::HeaderMap;
     use axum::routing::post;
@@ -99,27 +148,44 @@ async fn webhook_server(client: Client, ns: String, values: Vec<String>) -> (Str
     let app = axum::Router::new()
         .route(
             "/issue",
-            post(|State((log, _, _, values)): State<S>, headers: HeaderMap| async move {
-                let key = headers.get("idempotency-key").unwrap().to_str().unwrap().to_string();
-                let mut log = log.lock().unwrap();
-                // Same idempotency key, same value (the documented contract).
-                let value = match log.issued.iter().find(|(k, _)| *k == key) {
-                    Some((_, v)) => v.clone(),
-                    None => values[log.issued.len() % values.len()].clone(),
-                };
-                log.issued.push((key, value.clone()));
-                axum::Json(json!({"value": value}))
-            }),
+            post(
+                |State((log, _, _, values)): State<S>, headers: HeaderMap| async move {
+                    let key = headers
+                        .get("idempotency-key")
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string();
+                    let mut log = log.lock().unwrap();
+                    // Same idempotency key, same value (the documented contract).
+                    let value = match log.issued.iter().find(|(k, _)| *k == key) {
+                        Some((_, v)) => v.clone(),
+                        None => values[log.issued.len() % values.len()].clone(),
+                    };
+                    log.issued.push((key, value.clone()));
+                    axum::Json(json!({"value": value}))
+                },
+            ),
         )
         .route(
             "/invalidate",
-            post(|State((log, client, ns, _)): State<S>, headers: HeaderMap| async move {
-                let key = headers.get("idempotency-key").unwrap().to_str().unwrap().to_string();
-                let synced = read_key(&client, &ns, "app-creds", "client_secret").await;
-                let rolled = deployment_available(&client, &ns, "app").await;
-                log.lock().unwrap().invalidated.push((key, Instant::now(), synced, rolled));
-                "ok"
-            }),
+            post(
+                |State((log, client, ns, _)): State<S>, headers: HeaderMap| async move {
+                    let key = headers
+                        .get("idempotency-key")
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string();
+                    let synced = read_key(&client, &ns, "app-creds", "client_secret").await;
+                    let rolled = deployment_available(&client, &ns, "app").await;
+                    log.lock()
+                        .unwrap()
+                        .invalidated
+                        .push((key, Instant::now(), synced, rolled));
+                    "ok"
+                },
+            ),
         )
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -138,17 +204,34 @@ async fn webhook_invalidates_once_and_only_after_sync_and_rollout() {
     scene(c, &client, &ns, &old).await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
-    let spec = rotation_spec(json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}));
+    let spec = rotation_spec(
+        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
+    );
     create_rotation(&client, &ns, "app-secret", spec).await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
-    let id = sr.status.as_ref().unwrap().last_rotation.as_ref().unwrap().id.clone();
+    let id = sr
+        .status
+        .as_ref()
+        .unwrap()
+        .last_rotation
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
 
-    let log = log.lock().unwrap();
-    assert!(log.issued.iter().all(|(k, _)| *k == id), "issue used the rotation id as idempotency key");
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.issued.iter().all(|(k, _)| *k == id),
+        "issue used the rotation id as idempotency key"
+    );
     assert_eq!(log.invalidated.len(), 1, "invalidate called exactly once");
     let (key, _, synced_then, rolled_then) = &log.invalidated[0];
     assert_eq!(key, &id);
-    assert_eq!(synced_then.as_deref(), Some(new.as_str()), "ESO had synced the new value before invalidation");
+    assert_eq!(
+        synced_then.as_deref(),
+        Some(new.as_str()),
+        "ESO had synced the new value before invalidation"
+    );
     assert!(rolled_then, "the rollout was complete before invalidation");
     assert_eq!(revisions(&client, &ns, "app").await, 2);
     assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &new]).await;
@@ -164,11 +247,27 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
     scene(c, &client, &ns, &old).await;
     // A second ExternalSecret that reads another Secret: it is Ready, but it
     // will never deliver the value rekey writes.
-    put_secret(&client, &ns, "elsewhere", json!({"client_secret": common::canary("other")})).await;
-    external_secret(&client, &ns, "wrong-source", "client_secret", "elsewhere", "client_secret").await;
+    put_secret(
+        &client,
+        &ns,
+        "elsewhere",
+        json!({"client_secret": common::canary("other")}),
+    )
+    .await;
+    external_secret(
+        &client,
+        &ns,
+        "wrong-source",
+        "client_secret",
+        "elsewhere",
+        "client_secret",
+    )
+    .await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
-    let mut spec = rotation_spec(json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}));
+    let mut spec = rotation_spec(
+        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
+    );
     spec["proof"]["externalSecrets"] = json!([{"name": "app-creds", "key": "client_secret"}, {"name": "wrong-source", "key": "client_secret"}]);
     spec["proof"]["timeout"] = json!("15s");
     spec["onFailure"] = json!("Rollback");
@@ -179,15 +278,48 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
     let failure = last.failure.clone().unwrap();
     assert_eq!(failure.reason, "SyncTimeout");
     assert_eq!(failure.phase, Phase::AwaitingSync);
-    assert!(failure.message.contains("wrong-source"), "{}", failure.message);
+    assert!(
+        failure.message.contains("wrong-source"),
+        "{}",
+        failure.message
+    );
     assert!(last.rolled_back);
-    assert!(log.lock().unwrap().invalidated.is_empty(), "the old value was never invalidated");
+    assert!(
+        log.lock().unwrap().invalidated.is_empty(),
+        "the old value was never invalidated"
+    );
     // Rollback: the store and the synced Secret hold the old value again.
-    assert_eq!(read_key(&client, &ns, "source", "client_secret").await.as_deref(), Some(old.as_str()));
-    assert_eq!(read_key(&client, &ns, "app-creds", "client_secret").await.as_deref(), Some(old.as_str()));
-    let ready = sr.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready").unwrap().clone();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SyncTimeout"));
-    assert!(event_notes(&client, &ns, "app-secret").await.iter().any(|(r, _)| r == "RotationFailed"));
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str())
+    );
+    assert_eq!(
+        read_key(&client, &ns, "app-creds", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str())
+    );
+    let ready = sr
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SyncTimeout")
+    );
+    assert!(
+        event_notes(&client, &ns, "app-secret")
+            .await
+            .iter()
+            .any(|(r, _)| r == "RotationFailed")
+    );
     assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &new]).await;
 }
 
@@ -201,11 +333,19 @@ async fn rollout_that_never_completes_fails_and_holds() {
     scene(c, &client, &ns, &old).await;
     // The namespace may hold only the 2 running pods: the surge pod of any
     // rollout is refused, so the new revision never becomes ready.
-    let quota: ResourceQuota = serde_json::from_value(json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}})).unwrap();
-    Api::<ResourceQuota>::namespaced(client.clone(), &ns).create(&PostParams::default(), &quota).await.unwrap();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}}),
+    )
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
-    let mut spec = rotation_spec(json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}));
+    let mut spec = rotation_spec(
+        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
+    );
     spec["proof"]["timeout"] = json!("20s");
     create_rotation(&client, &ns, "app-secret", spec).await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
@@ -213,9 +353,17 @@ async fn rollout_that_never_completes_fails_and_holds() {
     let last = sr.status.as_ref().unwrap().last_rotation.clone().unwrap();
     assert_eq!(last.failure.as_ref().unwrap().reason, "RolloutTimeout");
     assert!(!last.rolled_back, "onFailure defaults to Hold");
-    assert!(log.lock().unwrap().invalidated.is_empty(), "the old value was never invalidated");
+    assert!(
+        log.lock().unwrap().invalidated.is_empty(),
+        "the old value was never invalidated"
+    );
     // Hold: the new value stays where it was written.
-    assert_eq!(read_key(&client, &ns, "source", "client_secret").await.as_deref(), Some(new.as_str()));
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(new.as_str())
+    );
     assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &new]).await;
 }
 
@@ -239,37 +387,67 @@ async fn trigger_change_on_demand_annotation_and_schedule_each_start_a_rotation(
                 s.history.len() >= n && s.rotation.is_none()
             })
             .await;
-            get_rotation(&client, &ns, "app-secret").await.status.unwrap()
+            get_rotation(&client, &ns, "app-secret")
+                .await
+                .status
+                .unwrap()
         }
     };
     let s = history(1).await;
     assert_eq!(s.history[0].reason, "Created");
     // Nothing else happens on its own.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(get_rotation(&client, &ns, "app-secret").await.status.unwrap().history.len(), 1);
+    assert_eq!(
+        get_rotation(&client, &ns, "app-secret")
+            .await
+            .status
+            .unwrap()
+            .history
+            .len(),
+        1
+    );
 
     // GitOps: a new trigger value.
     let api: Api<rekey::crd::SecretRotation> = Api::namespaced(client.clone(), &ns);
-    api.patch("app-secret", &PatchParams::default(), &Patch::Merge(json!({"spec": {"trigger": "CHG0002"}})))
-        .await
-        .unwrap();
+    api.patch(
+        "app-secret",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"trigger": "CHG0002"}})),
+    )
+    .await
+    .unwrap();
     let s = history(2).await;
     assert_eq!(s.history[0].reason, "TriggerChanged");
     assert_eq!(s.observed_trigger.as_deref(), Some("CHG0002"));
 
     // On demand (what `kubectl rekey rotate` does).
-    annotate_rotation(&client, &ns, "app-secret", "rekey.dev/rotate", "2026-11-25T12:00:00Z").await;
+    annotate_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        "rekey.dev/rotate",
+        "2026-11-25T12:00:00Z",
+    )
+    .await;
     let s = history(3).await;
     assert_eq!(s.history[0].reason, "OnDemand");
 
     // Schedule: every 1m after the last rotation finished.
-    api.patch("app-secret", &PatchParams::default(), &Patch::Merge(json!({"spec": {"schedule": {"every": "1m"}}})))
-        .await
-        .unwrap();
+    api.patch(
+        "app-secret",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"schedule": {"every": "1m"}}})),
+    )
+    .await
+    .unwrap();
     let s = history(4).await;
     assert_eq!(s.history[0].reason, "Schedule");
     assert!(s.next_rotation_at.is_some());
-    assert_eq!(revisions(&client, &ns, "app").await, 5, "one rollout per rotation");
+    assert_eq!(
+        revisions(&client, &ns, "app").await,
+        5,
+        "one rollout per rotation"
+    );
 }
 
 #[tokio::test]
@@ -284,22 +462,50 @@ async fn approval_gate_holds_until_approved_and_requests_queue() {
     spec["approval"] = json!({"required": true});
     create_rotation(&client, &ns, "app-secret", spec).await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::AwaitingApproval, LONG).await;
-    let id = sr.status.as_ref().unwrap().rotation.as_ref().unwrap().id.clone();
+    let id = sr
+        .status
+        .as_ref()
+        .unwrap()
+        .rotation
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
     // A request arriving meanwhile is kept, visibly.
     annotate_rotation(&client, &ns, "app-secret", "rekey.dev/rotate", "again").await;
     common::wait_for("pending request shown", Duration::from_secs(20), || async {
-        get_rotation(&client, &ns, "app-secret").await.status.unwrap().pending_request.as_deref() == Some("OnDemand")
+        get_rotation(&client, &ns, "app-secret")
+            .await
+            .status
+            .unwrap()
+            .pending_request
+            .as_deref()
+            == Some("OnDemand")
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sr = get_rotation(&client, &ns, "app-secret").await;
-    assert_eq!(phase_of(&sr), Some(Phase::AwaitingApproval), "nothing happens without approval");
-    assert_eq!(read_key(&client, &ns, "source", "client_secret").await.as_deref(), Some(old.as_str()));
+    assert_eq!(
+        phase_of(&sr),
+        Some(Phase::AwaitingApproval),
+        "nothing happens without approval"
+    );
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str())
+    );
 
     annotate_rotation(&client, &ns, "app-secret", "rekey.dev/approve", &id).await;
     common::wait_for("first rotation done", LONG, || async {
-        let s = get_rotation(&client, &ns, "app-secret").await.status.unwrap();
-        s.history.first().is_some_and(|h| h.id == id && h.result == Phase::Succeeded)
+        let s = get_rotation(&client, &ns, "app-secret")
+            .await
+            .status
+            .unwrap();
+        s.history
+            .first()
+            .is_some_and(|h| h.id == id && h.result == Phase::Succeeded)
     })
     .await;
     // The queued request starts the next rotation, which waits for approval again.
@@ -317,7 +523,12 @@ async fn a_crashing_operator_never_rolls_out_twice() {
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
-    let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone(), common::canary("second-issue")]).await;
+    let (url, log) = webhook_server(
+        client.clone(),
+        ns.clone(),
+        vec![new.clone(), common::canary("second-issue")],
+    )
+    .await;
     let mut op = Operator::start(c, &ns);
     create_rotation(
         &client,
@@ -341,7 +552,11 @@ async fn a_crashing_operator_never_rolls_out_twice() {
             seen.push(p);
             op.restart();
         }
-        assert!(start.elapsed() < LONG, "no success after {LONG:?}: {:?}", sr.status);
+        assert!(
+            start.elapsed() < LONG,
+            "no success after {LONG:?}: {:?}",
+            sr.status
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The fast phases (Issuing, Verifying) may pass between two polls; the
@@ -349,13 +564,26 @@ async fn a_crashing_operator_never_rolls_out_twice() {
     for must in [Phase::Writing, Phase::AwaitingSync, Phase::AwaitingRollout] {
         assert!(seen.contains(&must), "never crashed in {must:?}: {seen:?}");
     }
-    assert_eq!(revisions(&client, &ns, "app").await, 2, "exactly one rollout despite {} crashes", seen.len());
-    let log = log.lock().unwrap();
+    assert_eq!(
+        revisions(&client, &ns, "app").await,
+        2,
+        "exactly one rollout despite {} crashes",
+        seen.len()
+    );
+    let log = log.lock().unwrap().clone();
     let keys: std::collections::BTreeSet<&String> = log.issued.iter().map(|(k, _)| k).collect();
     assert_eq!(keys.len(), 1, "one rotation id for every issue call");
-    assert!(log.issued.iter().all(|(_, v)| *v == new), "never a second new value");
+    assert!(
+        log.issued.iter().all(|(_, v)| *v == new),
+        "never a second new value"
+    );
     assert_eq!(log.invalidated.len(), 1);
-    assert_eq!(read_key(&client, &ns, "app-creds", "client_secret").await.as_deref(), Some(new.as_str()));
+    assert_eq!(
+        read_key(&client, &ns, "app-creds", "client_secret")
+            .await
+            .as_deref(),
+        Some(new.as_str())
+    );
 }
 
 #[tokio::test]
@@ -365,18 +593,270 @@ async fn idle_reconciles_write_nothing() {
     let ns = common::namespace(&client, "idle").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let _op = Operator::start(c, &ns);
-    create_rotation(&client, &ns, "app-secret", rotation_spec(json!({"generated": {}}))).await;
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(json!({"generated": {}})),
+    )
+    .await;
     wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A label change makes the controller reconcile; it has nothing to do.
     let api: Api<rekey::crd::SecretRotation> = Api::namespaced(client.clone(), &ns);
     let touched = api
-        .patch("app-secret", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"touched": "1"}}})))
+        .patch(
+            "app-secret",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "1"}}})),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = api.get("app-secret").await.unwrap();
-    assert_eq!(after.metadata.resource_version, touched.metadata.resource_version, "an idle reconcile wrote something");
-    let d = Api::<Deployment>::namespaced(client.clone(), &ns).get("app").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version, touched.metadata.resource_version,
+        "an idle reconcile wrote something"
+    );
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get("app")
+        .await
+        .unwrap();
     assert_eq!(d.metadata.generation, Some(2), "no further restart");
+}
+
+#[tokio::test]
+async fn manual_source_waits_for_the_person_to_confirm_invalidation() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "manual").await;
+    let old = common::canary("old");
+    let new = common::canary("new");
+    scene(c, &client, &ns, &old).await;
+    put_secret(&client, &ns, "new-client-secret", json!({"value": new})).await;
+    let op = Operator::start(c, &ns);
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(
+            json!({"manual": {"secretRef": {"name": "new-client-secret", "key": "value"}}}),
+        ),
+    )
+    .await;
+    let sr = wait_phase(
+        &client,
+        &ns,
+        "app-secret",
+        Phase::AwaitingConfirmation,
+        LONG,
+    )
+    .await;
+    let id = sr
+        .status
+        .as_ref()
+        .unwrap()
+        .rotation
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
+    // Proof came first: the new value is synced and rolled out.
+    assert_eq!(
+        read_key(&client, &ns, "app-creds", "client_secret")
+            .await
+            .as_deref(),
+        Some(new.as_str())
+    );
+    assert_eq!(revisions(&client, &ns, "app").await, 2);
+    let notes = event_notes(&client, &ns, "app-secret").await;
+    let tell = notes
+        .iter()
+        .find(|(r, _)| r == "InvalidateOldValue")
+        .expect("an Event tells the person what to do");
+    assert!(
+        tell.1
+            .contains(&format!("rekey.dev/confirm-invalidated={id}")),
+        "{}",
+        tell.1
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        phase_of(&get_rotation(&client, &ns, "app-secret").await),
+        Some(Phase::AwaitingConfirmation)
+    );
+
+    annotate_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        "rekey.dev/confirm-invalidated",
+        &id,
+    )
+    .await;
+    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+
+    // Asking again without a new value in the Secret is refused in Preflight.
+    annotate_rotation(&client, &ns, "app-secret", "rekey.dev/rotate", "again").await;
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
+    let failure = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(
+        (failure.reason.as_str(), failure.phase),
+        ("ManualValueUnchanged", Phase::Preflight)
+    );
+    assert_eq!(
+        revisions(&client, &ns, "app").await,
+        2,
+        "a refused rotation changes nothing"
+    );
+    assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &new]).await;
+}
+
+#[tokio::test]
+async fn statefulsets_and_daemonsets_roll_once_per_rotation() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kinds").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let template = |app: &str| {
+        json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "c", "image": "example.invalid/c:1",
+            "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "app-creds", "key": "client_secret"}}}]}]}})
+    };
+    let sts: StatefulSet = serde_json::from_value(json!({"metadata": {"name": "db"}, "spec": {
+        "replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": template("db")}}))
+    .unwrap();
+    let ds: DaemonSet = serde_json::from_value(json!({"metadata": {"name": "agent"}, "spec": {
+        "selector": {"matchLabels": {"app": "agent"}}, "template": template("agent")}}))
+    .unwrap();
+    Api::<StatefulSet>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &sts)
+        .await
+        .unwrap();
+    Api::<DaemonSet>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &ds)
+        .await
+        .unwrap();
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["proof"]["workloads"] = json!([
+        {"kind": "Deployment", "name": "app"}, {"kind": "StatefulSet", "name": "db"}, {"kind": "DaemonSet", "name": "agent"}]);
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    let id = sr.status.unwrap().last_rotation.unwrap().id;
+    let stamp = rekey::proof::rollout::restart_annotation("app-secret");
+
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), &ns)
+        .get("db")
+        .await
+        .unwrap();
+    let anns = sts
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .clone()
+        .unwrap();
+    assert_eq!(anns.get(&stamp), Some(&id));
+    assert_eq!(sts.metadata.generation, Some(2), "one restart");
+    let s = sts.status.unwrap();
+    assert_eq!((s.updated_replicas, s.ready_replicas), (Some(2), Some(2)));
+    assert_eq!(s.current_revision, s.update_revision);
+
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), &ns)
+        .get("agent")
+        .await
+        .unwrap();
+    assert_eq!(ds.metadata.generation, Some(2), "one restart");
+    let s = ds.status.unwrap();
+    assert!(s.desired_number_scheduled > 0);
+    assert_eq!(s.updated_number_scheduled, Some(s.desired_number_scheduled));
+    assert_eq!(s.number_available, Some(s.desired_number_scheduled));
+    assert_eq!(revisions(&client, &ns, "app").await, 2);
+}
+
+#[tokio::test]
+async fn await_mode_waits_for_another_restarter() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "await").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["proof"]["restart"] = json!("Await");
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    wait_phase(&client, &ns, "app-secret", Phase::AwaitingRollout, LONG).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sr = get_rotation(&client, &ns, "app-secret").await;
+    assert_eq!(
+        phase_of(&sr),
+        Some(Phase::AwaitingRollout),
+        "rekey waits instead of restarting"
+    );
+    assert_eq!(
+        revisions(&client, &ns, "app").await,
+        1,
+        "rekey did not restart it"
+    );
+    // Another restarter (what Reloader does) restarts the Deployment.
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"reloader/last-reloaded": "now"}}}}});
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    assert_eq!(revisions(&client, &ns, "app").await, 2);
+}
+
+#[tokio::test]
+async fn late_proof_warns_about_the_grace_window() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "grace").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}}),
+    )
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    let op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["oldValueValidFor"] = json!("1m");
+    spec["proof"]["timeout"] = json!("55s");
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    common::wait_for("GraceWindowAtRisk warning", LONG, || async {
+        events(&client, &ns).await.iter().any(|e| {
+            e.reason.as_deref() == Some("GraceWindowAtRisk")
+                && e.type_.as_deref() == Some("Warning")
+        })
+    })
+    .await;
+    let sr = get_rotation(&client, &ns, "app-secret").await;
+    let cond = sr
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "GraceWindowAtRisk")
+        .unwrap();
+    assert_eq!(cond.status, "True");
+    assert!(op.scrape().await.contains("rekey_grace_seconds_left{"));
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
+    assert_eq!(
+        sr.status
+            .unwrap()
+            .last_rotation
+            .unwrap()
+            .failure
+            .unwrap()
+            .reason,
+        "RolloutTimeout"
+    );
 }

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::Client;
 use serde_json::Value;
 
 use crate::crd::ExternalSecretProof;
@@ -18,7 +18,11 @@ use crate::value::SecretValue;
 pub const FORCE_SYNC_ANNOTATION: &str = "force-sync";
 
 pub fn external_secret_resource() -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk("external-secrets.io", "v1", "ExternalSecret"))
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "external-secrets.io",
+        "v1",
+        "ExternalSecret",
+    ))
 }
 
 /// Where one ExternalSecret stands.
@@ -37,7 +41,9 @@ pub struct ExternalSecrets {
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str)
+    path.iter()
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(Value::as_str)
 }
 
 impl ExternalSecrets {
@@ -54,7 +60,12 @@ impl ExternalSecrets {
             .get_opt(name)
             .await
             .map_err(|e| Error::kube("read ExternalSecret", e))?
-            .ok_or_else(|| Error::permanent("ExternalSecretNotFound", format!("ExternalSecret {}/{name} not found", self.namespace)))
+            .ok_or_else(|| {
+                Error::permanent(
+                    "ExternalSecretNotFound",
+                    format!("ExternalSecret {}/{name} not found", self.namespace),
+                )
+            })
     }
 
     /// Refuses ExternalSecrets that exist but would ignore a refresh request.
@@ -78,10 +89,18 @@ impl ExternalSecrets {
     /// Asks ESO to sync now. Idempotent: the same token twice is one request.
     pub async fn request_refresh(&self, name: &str, token: &str) -> Result<()> {
         let es = self.get(name).await?;
-        if es.metadata.annotations.as_ref().and_then(|a| a.get(FORCE_SYNC_ANNOTATION)).map(String::as_str) == Some(token) {
+        if es
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FORCE_SYNC_ANNOTATION))
+            .map(String::as_str)
+            == Some(token)
+        {
             return Ok(());
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {FORCE_SYNC_ANNOTATION: token}}});
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {FORCE_SYNC_ANNOTATION: token}}});
         self.api
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -90,7 +109,11 @@ impl ExternalSecrets {
     }
 
     /// Whether the ExternalSecret is Ready and its target Secret holds `expected`.
-    pub async fn state(&self, proof: &ExternalSecretProof, expected: &SecretValue) -> Result<SyncState> {
+    pub async fn state(
+        &self,
+        proof: &ExternalSecretProof,
+        expected: &SecretValue,
+    ) -> Result<SyncState> {
         let es = self.get(&proof.name).await?;
         let ready = es
             .data
@@ -98,11 +121,22 @@ impl ExternalSecrets {
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .any(|c| c.get("type").and_then(Value::as_str) == Some("Ready") && c.get("status").and_then(Value::as_str) == Some("True"));
-        let target = str_at(&es.data, &["spec", "target", "name"]).unwrap_or(&proof.name).to_string();
-        let secret = self.secrets.get_opt(&target).await.map_err(|e| Error::kube("read synced Secret", e))?;
+            .any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            });
+        let target = str_at(&es.data, &["spec", "target", "name"])
+            .unwrap_or(&proof.name)
+            .to_string();
+        let secret = self
+            .secrets
+            .get_opt(&target)
+            .await
+            .map_err(|e| Error::kube("read synced Secret", e))?;
         let Some(secret) = secret else {
-            return Ok(SyncState::Waiting(format!("Secret {target} not created yet")));
+            return Ok(SyncState::Waiting(format!(
+                "Secret {target} not created yet"
+            )));
         };
         let holds = secret
             .data
@@ -112,7 +146,10 @@ impl ExternalSecrets {
         Ok(match (ready, holds) {
             (true, true) => SyncState::Synced,
             (false, _) => SyncState::Waiting(format!("ExternalSecret {} not Ready", proof.name)),
-            (true, false) => SyncState::Waiting(format!("Secret {target} key {} does not hold the new value yet", proof.key)),
+            (true, false) => SyncState::Waiting(format!(
+                "Secret {target} key {} does not hold the new value yet",
+                proof.key
+            )),
         })
     }
 }

@@ -3,8 +3,8 @@
 //! until the rollout is complete.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 
 use crate::crd::{WorkloadKind, WorkloadRef};
 use crate::decide::RolloutFacts;
@@ -18,7 +18,9 @@ pub fn restart_annotation(rotation_name: &str) -> String {
         format!("{PREFIX}{rotation_name}")
     } else {
         // Annotation names are at most 63 characters: shorten, keep unique.
-        let hash = rotation_name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        let hash = rotation_name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
         format!("{PREFIX}{}-{hash:016x}", &rotation_name[..46])
     }
 }
@@ -37,12 +39,18 @@ pub struct Workloads {
 }
 
 fn not_found(kind: WorkloadKind, ns: &str, name: &str) -> Error {
-    Error::permanent("WorkloadNotFound", format!("{kind:?} {ns}/{name} not found"))
+    Error::permanent(
+        "WorkloadNotFound",
+        format!("{kind:?} {ns}/{name} not found"),
+    )
 }
 
 impl Workloads {
     pub fn new(client: Client, namespace: &str) -> Self {
-        Self { client, namespace: namespace.into() }
+        Self {
+            client,
+            namespace: namespace.into(),
+        }
     }
 
     pub async fn observe(&self, w: &WorkloadRef, annotation: &str) -> Result<Observed> {
@@ -94,7 +102,8 @@ impl Workloads {
                         updated: s.updated_replicas.unwrap_or(0),
                         ready: s.ready_replicas.unwrap_or(0),
                         available: s.available_replicas.unwrap_or(0),
-                        revisions_converged: s.current_revision.is_some() && s.current_revision == s.update_revision,
+                        revisions_converged: s.current_revision.is_some()
+                            && s.current_revision == s.update_revision,
                     },
                 }
             }
@@ -126,15 +135,29 @@ impl Workloads {
     /// Stamps the pod template with the rotation id, which starts exactly one
     /// rollout. Callers check `Observed::stamped` first, so a retry after a
     /// crash sees the stamp and does not patch again.
-    pub async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()> {
+    pub async fn restart(
+        &self,
+        w: &WorkloadRef,
+        annotation: &str,
+        rotation_id: &str,
+    ) -> Result<()> {
         let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {annotation: rotation_id}}}}});
         let pp = PatchParams::default();
         let p = Patch::Merge(&patch);
         let ns = &self.namespace;
         let r = match w.kind {
-            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), ns).patch(&w.name, &pp, &p).await.map(|_| ()),
-            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), ns).patch(&w.name, &pp, &p).await.map(|_| ()),
-            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(self.client.clone(), ns).patch(&w.name, &pp, &p).await.map(|_| ()),
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), ns)
+                .patch(&w.name, &pp, &p)
+                .await
+                .map(|_| ()),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), ns)
+                .patch(&w.name, &pp, &p)
+                .await
+                .map(|_| ()),
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(self.client.clone(), ns)
+                .patch(&w.name, &pp, &p)
+                .await
+                .map(|_| ()),
         };
         r.map_err(|e| Error::kube("restart workload", e))
     }

@@ -16,7 +16,10 @@ pub struct Generated {
 
 impl Generated {
     pub fn new(spec: &GeneratedSource) -> Self {
-        Self { length: spec.length as usize, alphabet: spec.alphabet }
+        Self {
+            length: spec.length as usize,
+            alphabet: spec.alphabet,
+        }
     }
 }
 
@@ -32,7 +35,11 @@ impl CredentialSource for Generated {
         Ok(SecretValue::generate(self.length, self.alphabet))
     }
 
-    async fn invalidate(&self, _rotation_id: &str, _annotations: &BTreeMap<String, String>) -> Result<Invalidation> {
+    async fn invalidate(
+        &self,
+        _rotation_id: &str,
+        _annotations: &BTreeMap<String, String>,
+    ) -> Result<Invalidation> {
         Ok(Invalidation::Done)
     }
 }

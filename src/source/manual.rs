@@ -51,7 +51,11 @@ impl CredentialSource for Manual {
         read_secret_key(&self.ctx, &self.namespace, &self.name, &self.key).await
     }
 
-    async fn invalidate(&self, rotation_id: &str, annotations: &BTreeMap<String, String>) -> Result<Invalidation> {
+    async fn invalidate(
+        &self,
+        rotation_id: &str,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Invalidation> {
         if annotations.get(CONFIRM_ANNOTATION).map(String::as_str) == Some(rotation_id) {
             Ok(Invalidation::Done)
         } else {

@@ -47,7 +47,11 @@ pub trait CredentialSource: Send + Sync {
         Ok(())
     }
     /// Invalidates the old value.
-    async fn invalidate(&self, rotation_id: &str, annotations: &BTreeMap<String, String>) -> Result<Invalidation>;
+    async fn invalidate(
+        &self,
+        rotation_id: &str,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Invalidation>;
 }
 
 /// Builds the source of a SecretRotation.
@@ -68,18 +72,34 @@ pub fn for_rotation(sr: &SecretRotation, ctx: &Context) -> Result<Box<dyn Creden
 }
 
 /// Reads one key of a Secret in `namespace` as a value.
-pub async fn read_secret_key(ctx: &Context, namespace: &str, name: &str, key: &str) -> Result<SecretValue> {
-    let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(ctx.client.clone(), namespace);
+pub async fn read_secret_key(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<SecretValue> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(ctx.client.clone(), namespace);
     let secret = api
         .get_opt(name)
         .await
         .map_err(|e| Error::kube("read referenced Secret", e))?
-        .ok_or_else(|| Error::permanent("SecretNotFound", format!("Secret {namespace}/{name} not found")))?;
+        .ok_or_else(|| {
+            Error::permanent(
+                "SecretNotFound",
+                format!("Secret {namespace}/{name} not found"),
+            )
+        })?;
     secret
         .data
         .as_ref()
         .and_then(|d| d.get(key))
         .and_then(|b| SecretValue::from_bytes(&b.0))
         .filter(|v| !v.expose().is_empty())
-        .ok_or_else(|| Error::permanent("SecretKeyMissing", format!("Secret {namespace}/{name} has no non-empty key {key}")))
+        .ok_or_else(|| {
+            Error::permanent(
+                "SecretKeyMissing",
+                format!("Secret {namespace}/{name} has no non-empty key {key}"),
+            )
+        })
 }

@@ -31,10 +31,20 @@ struct IssueResponse {
 
 impl Webhook {
     pub fn new(spec: &WebhookSource, ctx: &Context, namespace: &str, name: &str) -> Self {
-        Self { ctx: ctx.clone(), spec: spec.clone(), namespace: namespace.into(), name: name.into() }
+        Self {
+            ctx: ctx.clone(),
+            spec: spec.clone(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 
-    async fn post(&self, url: &str, call: &'static str, rotation_id: &str) -> Result<reqwest::Response> {
+    async fn post(
+        &self,
+        url: &str,
+        call: &'static str,
+        rotation_id: &str,
+    ) -> Result<reqwest::Response> {
         let mut req = self
             .ctx
             .http
@@ -51,19 +61,24 @@ impl Webhook {
             Ok(r) if r.status().is_success() => "success",
             _ => "error",
         };
-        self.ctx.metrics.provider_call("webhook", call, outcome, started.elapsed());
-        let resp = result.map_err(|e| Error::http("WebhookUnreachable", &format!("webhook {call}"), &e))?;
+        self.ctx
+            .metrics
+            .provider_call("webhook", call, outcome, started.elapsed());
+        let resp = result
+            .map_err(|e| Error::http("WebhookUnreachable", &format!("webhook {call}"), &e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
         // The body is never read: it may echo a value.
         let message = format!("webhook {call} answered HTTP {}", status.as_u16());
-        Err(if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Error::transient("WebhookError", message)
-        } else {
-            Error::permanent("WebhookRejected", message)
-        })
+        Err(
+            if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                Error::transient("WebhookError", message)
+            } else {
+                Error::permanent("WebhookRejected", message)
+            },
+        )
     }
 }
 
@@ -77,19 +92,31 @@ impl CredentialSource for Webhook {
     }
 
     async fn issue(&self, rotation_id: &str) -> Result<SecretValue> {
-        let resp = self.post(&self.spec.issue_url, "issue", rotation_id).await?;
-        let body: IssueResponse = resp
-            .json()
-            .await
-            .map_err(|_| Error::permanent("WebhookBadResponse", "webhook issue answered without a JSON {\"value\": string}"))?;
+        let resp = self
+            .post(&self.spec.issue_url, "issue", rotation_id)
+            .await?;
+        let body: IssueResponse = resp.json().await.map_err(|_| {
+            Error::permanent(
+                "WebhookBadResponse",
+                "webhook issue answered without a JSON {\"value\": string}",
+            )
+        })?;
         if body.value.is_empty() {
-            return Err(Error::permanent("WebhookBadResponse", "webhook issue answered an empty value"));
+            return Err(Error::permanent(
+                "WebhookBadResponse",
+                "webhook issue answered an empty value",
+            ));
         }
         Ok(SecretValue::new(body.value))
     }
 
-    async fn invalidate(&self, rotation_id: &str, _annotations: &BTreeMap<String, String>) -> Result<Invalidation> {
-        self.post(&self.spec.invalidate_url, "invalidate", rotation_id).await?;
+    async fn invalidate(
+        &self,
+        rotation_id: &str,
+        _annotations: &BTreeMap<String, String>,
+    ) -> Result<Invalidation> {
+        self.post(&self.spec.invalidate_url, "invalidate", rotation_id)
+            .await?;
         Ok(Invalidation::Done)
     }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 
 use super::Store;
 use crate::crd::KubernetesSecretTarget;
@@ -26,7 +26,11 @@ pub struct KubernetesSecretStore {
 impl KubernetesSecretStore {
     pub fn new(client: Client, t: &KubernetesSecretTarget, default_namespace: &str) -> Self {
         let ns = t.namespace.as_deref().unwrap_or(default_namespace);
-        Self { api: Api::namespaced(client, ns), name: t.name.clone(), key: t.key.clone() }
+        Self {
+            api: Api::namespaced(client, ns),
+            name: t.name.clone(),
+            key: t.key.clone(),
+        }
     }
 
     fn version(s: &Secret) -> String {
@@ -37,35 +41,65 @@ impl KubernetesSecretStore {
 #[async_trait]
 impl Store for KubernetesSecretStore {
     async fn read_current(&self) -> Result<Option<SecretValue>> {
-        let secret = self.api.get_opt(&self.name).await.map_err(|e| Error::kube("read target Secret", e))?;
+        let secret = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::kube("read target Secret", e))?;
         Ok(secret
             .and_then(|s| s.data)
             .and_then(|d| d.get(&self.key).and_then(|b| SecretValue::from_bytes(&b.0))))
     }
 
     async fn write(&self, value: &SecretValue, rotation_id: &str) -> Result<String> {
-        if let Some(existing) = self.api.get_opt(&self.name).await.map_err(|e| Error::kube("read target Secret", e))? {
-            let tagged = existing.metadata.annotations.as_ref().and_then(|a| a.get(WRITTEN_BY_ANNOTATION));
-            let current = existing.data.as_ref().and_then(|d| d.get(&self.key)).map(|b| b.0.as_slice());
-            if tagged.map(String::as_str) == Some(rotation_id) && current == Some(value.expose().as_bytes()) {
+        if let Some(existing) = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::kube("read target Secret", e))?
+        {
+            let tagged = existing
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(WRITTEN_BY_ANNOTATION));
+            let current = existing
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&self.key))
+                .map(|b| b.0.as_slice());
+            if tagged.map(String::as_str) == Some(rotation_id)
+                && current == Some(value.expose().as_bytes())
+            {
                 return Ok(Self::version(&existing));
             }
         }
         let patch = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(self.name.clone()),
-                annotations: Some(BTreeMap::from([(WRITTEN_BY_ANNOTATION.to_string(), rotation_id.to_string())])),
+                annotations: Some(BTreeMap::from([(
+                    WRITTEN_BY_ANNOTATION.to_string(),
+                    rotation_id.to_string(),
+                )])),
                 ..Default::default()
             },
-            data: Some(BTreeMap::from([(self.key.clone(), ByteString(value.expose().as_bytes().to_vec()))])),
+            data: Some(BTreeMap::from([(
+                self.key.clone(),
+                ByteString(value.expose().as_bytes().to_vec()),
+            )])),
             ..Default::default()
         };
-        let mut patch = serde_json::to_value(&patch).map_err(|_| Error::permanent("Internal", "encode Secret"))?;
+        let mut patch = serde_json::to_value(&patch)
+            .map_err(|_| Error::permanent("Internal", "encode Secret"))?;
         patch["apiVersion"] = "v1".into();
         patch["kind"] = "Secret".into();
         let written = self
             .api
-            .patch(&self.name, &PatchParams::apply("rekey").force(), &Patch::Apply(&patch))
+            .patch(
+                &self.name,
+                &PatchParams::apply("rekey").force(),
+                &Patch::Apply(&patch),
+            )
             .await
             .map_err(|e| Error::kube("write target Secret", e))?;
         Ok(Self::version(&written))
@@ -73,7 +107,10 @@ impl Store for KubernetesSecretStore {
 
     async fn preflight(&self) -> Result<()> {
         // The Secret may not exist yet (rekey creates it); the namespace must.
-        self.api.get_opt(&self.name).await.map_err(|e| Error::kube("read target Secret", e))?;
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::kube("read target Secret", e))?;
         Ok(())
     }
 }

@@ -34,9 +34,20 @@ pub trait Store: Send + Sync {
 }
 
 /// Builds the store of a target.
-pub fn for_target(target: &Target, ctx: &crate::controller::Context, namespace: &str) -> Result<Box<dyn Store>> {
+pub fn for_target(
+    target: &Target,
+    ctx: &crate::controller::Context,
+    namespace: &str,
+) -> Result<Box<dyn Store>> {
     if let Some(k) = &target.kubernetes_secret {
-        return Ok(Box::new(kubernetes::KubernetesSecretStore::new(ctx.client.clone(), k, namespace)));
+        return Ok(Box::new(kubernetes::KubernetesSecretStore::new(
+            ctx.client.clone(),
+            k,
+            namespace,
+        )));
     }
-    Err(Error::permanent("InvalidSpec", format!("target {} sets no store", target.name)))
+    Err(Error::permanent(
+        "InvalidSpec",
+        format!("target {} sets no store", target.name),
+    ))
 }

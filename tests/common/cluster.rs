@@ -55,7 +55,10 @@ impl Binaries {
                 format!("{k} missing in {}: run `make testenv`", envfile.display())
             })?);
             if !p.exists() {
-                bail!("{} (from {k}) does not exist: run `make testenv`", p.display());
+                bail!(
+                    "{} (from {k}) does not exist: run `make testenv`",
+                    p.display()
+                );
             }
             Ok(p)
         };
@@ -86,7 +89,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { nodes: 2, eso: true, eso_env: vec![] }
+        Self {
+            nodes: 2,
+            eso: true,
+            eso_env: vec![],
+        }
     }
 }
 
@@ -108,7 +115,11 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Pki {
@@ -128,24 +139,38 @@ fn make_pki() -> Result<Pki> {
     };
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "rekey-testenv-ca");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "rekey-testenv-ca");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
     let serving_key = KeyPair::generate()?;
-    let mut sp = CertificateParams::new(vec!["localhost".to_string(), "kubernetes.default.svc".to_string()])?;
-    sp.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse()?));
-    sp.subject_alt_names.push(SanType::IpAddress("10.96.0.1".parse()?));
-    sp.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    let mut sp = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "kubernetes.default.svc".to_string(),
+    ])?;
+    sp.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse()?));
+    sp.subject_alt_names
+        .push(SanType::IpAddress("10.96.0.1".parse()?));
+    sp.distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
     sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let serving = sp.signed_by(&serving_key, &issuer)?;
 
     let admin_key = KeyPair::generate()?;
     let mut ap = CertificateParams::new(Vec::<String>::new())?;
-    ap.distinguished_name.push(DnType::CommonName, "rekey-testenv-admin");
-    ap.distinguished_name.push(DnType::OrganizationName, "system:masters");
+    ap.distinguished_name
+        .push(DnType::CommonName, "rekey-testenv-admin");
+    ap.distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
     ap.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let admin = ap.signed_by(&admin_key, &issuer)?;
 
@@ -200,12 +225,24 @@ impl Cluster {
         }
 
         let mut ports = HashMap::new();
-        for name in ["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "eso-metrics", "eso-webhook"] {
+        for name in [
+            "etcd",
+            "etcd-peer",
+            "apiserver",
+            "kcm",
+            "scheduler",
+            "kwok",
+            "eso-metrics",
+            "eso-webhook",
+        ] {
             ports.insert(name, free_port());
         }
         let api_url = format!("https://127.0.0.1:{}", ports["apiserver"]);
         let kubeconfig = dir.join("kubeconfig");
-        fs::write(&kubeconfig, kubeconfig_yaml(&api_url, &pki.ca_pem, &pki.admin_cert, &pki.admin_key))?;
+        fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(&api_url, &pki.ca_pem, &pki.admin_cert, &pki.admin_key),
+        )?;
 
         let mut cluster = Cluster {
             dir: dir.clone(),
@@ -241,7 +278,11 @@ impl Cluster {
             ],
             &[],
         )?;
-        cluster.wait_http("etcd", &format!("{etcd_url}/health"), Duration::from_secs(60))?;
+        cluster.wait_http(
+            "etcd",
+            &format!("{etcd_url}/health"),
+            Duration::from_secs(60),
+        )?;
 
         let p = |n: &str| pki_dir.join(n).display().to_string();
         cluster.spawn(
@@ -330,13 +371,33 @@ impl Cluster {
             ],
             &[],
         )?;
-        cluster.wait_https_insecure("kube-controller-manager", ports["kcm"], Duration::from_secs(60))?;
-        cluster.wait_https_insecure("kube-scheduler", ports["scheduler"], Duration::from_secs(60))?;
+        cluster.wait_https_insecure(
+            "kube-controller-manager",
+            ports["kcm"],
+            Duration::from_secs(60),
+        )?;
+        cluster.wait_https_insecure(
+            "kube-scheduler",
+            ports["scheduler"],
+            Duration::from_secs(60),
+        )?;
         cluster.create_nodes(opts.nodes)?;
 
         if opts.eso {
-            cluster.kubectl(&["apply", "--server-side", "-f", &cluster.bins.eso_crds.display().to_string()])?;
-            cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/externalsecrets.external-secrets.io", "crd/secretstores.external-secrets.io", "crd/clustersecretstores.external-secrets.io"])?;
+            cluster.kubectl(&[
+                "apply",
+                "--server-side",
+                "-f",
+                &cluster.bins.eso_crds.display().to_string(),
+            ])?;
+            cluster.kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/externalsecrets.external-secrets.io",
+                "crd/secretstores.external-secrets.io",
+                "crd/clustersecretstores.external-secrets.io",
+            ])?;
             let mut env: Vec<(String, String)> = vec![("KUBECONFIG".into(), kc.clone())];
             env.extend(opts.eso_env.iter().cloned());
             cluster.spawn(
@@ -398,10 +459,19 @@ kill -KILL 0"#;
     }
 
     pub fn process_group(&self) -> i32 {
-        self.watchdog.as_ref().map(|(c, _)| c.id() as i32).unwrap_or(0)
+        self.watchdog
+            .as_ref()
+            .map(|(c, _)| c.id() as i32)
+            .unwrap_or(0)
     }
 
-    fn spawn(&mut self, name: &str, bin: &Path, args: &[String], env: &[(String, String)]) -> Result<()> {
+    fn spawn(
+        &mut self,
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<()> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
@@ -413,7 +483,9 @@ kill -KILL 0"#;
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("spawn {name} ({})", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {name} ({})", bin.display()))?;
         self.children.push((name.to_string(), child));
         Ok(())
     }
@@ -422,7 +494,8 @@ kill -KILL 0"#;
     fn check_alive(&mut self) -> Result<()> {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
-                let log = fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                let log =
+                    fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 bail!("{name} exited with {status}:\n{}", tail.join("\n"));
@@ -431,7 +504,12 @@ kill -KILL 0"#;
         Ok(())
     }
 
-    fn wait_until(&mut self, what: &str, timeout: Duration, mut ok: impl FnMut(&Self) -> bool) -> Result<()> {
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ok: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_alive()?;
@@ -439,15 +517,26 @@ kill -KILL 0"#;
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{what} not ready after {timeout:?} (logs in {})", self.dir.display());
+                bail!(
+                    "{what} not ready after {timeout:?} (logs in {})",
+                    self.dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
     fn wait_http(&mut self, what: &str, url: &str, timeout: Duration) -> Result<()> {
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        self.wait_until(what, timeout, |_| client.get(url).send().map(|r| r.status().is_success()).unwrap_or(false))
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        self.wait_until(what, timeout, |_| {
+            client
+                .get(url)
+                .send()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        })
     }
 
     fn wait_https_insecure(&mut self, what: &str, port: u16, timeout: Duration) -> Result<()> {
@@ -456,11 +545,19 @@ kill -KILL 0"#;
             .danger_accept_invalid_certs(true)
             .build()?;
         let url = format!("https://127.0.0.1:{port}/healthz");
-        self.wait_until(what, timeout, |_| client.get(&url).send().map(|r| r.status().is_success()).unwrap_or(false))
+        self.wait_until(what, timeout, |_| {
+            client
+                .get(&url)
+                .send()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        })
     }
 
     fn admin_http(&self) -> Result<reqwest::blocking::Client> {
-        let identity = reqwest::Identity::from_pem(format!("{}{}", self.admin_cert_pem, self.admin_key_pem).as_bytes())?;
+        let identity = reqwest::Identity::from_pem(
+            format!("{}{}", self.admin_cert_pem, self.admin_key_pem).as_bytes(),
+        )?;
         Ok(reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(5))
             .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes())?)
@@ -472,7 +569,11 @@ kill -KILL 0"#;
         let client = self.admin_http()?;
         let url = format!("{}/readyz", self.api_url);
         self.wait_until("kube-apiserver", timeout, |_| {
-            client.get(&url).send().map(|r| r.status().is_success()).unwrap_or(false)
+            client
+                .get(&url)
+                .send()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
         })
     }
 
@@ -484,7 +585,10 @@ kill -KILL 0"#;
             .output()
             .context("run kubectl")?;
         if !out.status.success() {
-            bail!("kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "kubectl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -500,7 +604,10 @@ kill -KILL 0"#;
         child.stdin.take().unwrap().write_all(input.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "kubectl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -518,7 +625,13 @@ kill -KILL 0"#;
         self.wait_until("kwok nodes Ready", Duration::from_secs(60), |_| {
             Command::new(&kubectl)
                 .arg(format!("--kubeconfig={}", kc.display()))
-                .args(["wait", "--for=condition=Ready", "node", "--all", "--timeout=1s"])
+                .args([
+                    "wait",
+                    "--for=condition=Ready",
+                    "node",
+                    "--all",
+                    "--timeout=1s",
+                ])
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false)

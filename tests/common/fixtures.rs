@@ -20,8 +20,21 @@ static CRD: std::sync::Once = std::sync::Once::new();
 pub fn install_crd(c: &Cluster) {
     CRD.call_once(|| {
         let path = repo_root().join("crds/secretrotation.yaml");
-        c.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path.display().to_string()]).unwrap();
-        c.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/secretrotations.rekey.dev"]).unwrap();
+        c.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &path.display().to_string(),
+        ])
+        .unwrap();
+        c.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/secretrotations.rekey.dev",
+        ])
+        .unwrap();
     });
 }
 
@@ -37,19 +50,33 @@ fn b64(s: &str) -> String {
 pub async fn put_secret(client: &Client, ns: &str, name: &str, data: Value) {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data});
-    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&body)).await.unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
 }
 
 pub async fn read_key(client: &Client, ns: &str, name: &str, key: &str) -> Option<String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let s = api.get_opt(name).await.unwrap()?;
-    s.data?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    s.data?
+        .get(key)
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
 }
 
 /// A SecretStore named `cluster-secrets` whose kubernetes provider reads
 /// Secrets of `ns` through the real API server with a client certificate.
 pub async fn kubernetes_secret_store(c: &Cluster, client: &Client, ns: &str) {
-    put_secret(client, ns, "eso-auth", json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem})).await;
+    put_secret(
+        client,
+        ns,
+        "eso-auth",
+        json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem}),
+    )
+    .await;
     let store: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "external-secrets.io/v1", "kind": "SecretStore",
         "metadata": {"name": "cluster-secrets"},
@@ -71,7 +98,14 @@ pub async fn kubernetes_secret_store(c: &Cluster, client: &Client, ns: &str) {
 
 /// An ExternalSecret `name` whose target Secret `name` gets key `key` from
 /// Secret `source` key `source_key` (read through the SecretStore).
-pub async fn external_secret(client: &Client, ns: &str, name: &str, key: &str, source: &str, source_key: &str) {
+pub async fn external_secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    key: &str,
+    source: &str,
+    source_key: &str,
+) {
     let es: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
         "metadata": {"name": name},
@@ -107,11 +141,17 @@ pub async fn deployment(client: &Client, ns: &str, name: &str, replicas: i32, se
         }
     }))
     .unwrap();
-    Api::<Deployment>::namespaced(client.clone(), ns).create(&PostParams::default(), &d).await.unwrap();
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
 }
 
 pub async fn deployment_available(client: &Client, ns: &str, name: &str) -> bool {
-    let d = Api::<Deployment>::namespaced(client.clone(), ns).get(name).await.unwrap();
+    let d = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
     let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let s = d.status.unwrap_or_default();
     s.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
@@ -138,9 +178,20 @@ pub async fn scene(c: &Cluster, client: &Client, ns: &str, initial: &str) {
     install_crd(c);
     put_secret(client, ns, "source", json!({"client_secret": initial})).await;
     kubernetes_secret_store(c, client, ns).await;
-    external_secret(client, ns, "app-creds", "client_secret", "source", "client_secret").await;
+    external_secret(
+        client,
+        ns,
+        "app-creds",
+        "client_secret",
+        "source",
+        "client_secret",
+    )
+    .await;
     super::wait_for("initial ESO sync", Duration::from_secs(60), || async {
-        read_key(client, ns, "app-creds", "client_secret").await.as_deref() == Some(initial)
+        read_key(client, ns, "app-creds", "client_secret")
+            .await
+            .as_deref()
+            == Some(initial)
     })
     .await;
     deployment(client, ns, "app", 2, "app-creds").await;
@@ -170,11 +221,17 @@ pub async fn create_rotation(client: &Client, ns: &str, name: &str, spec: Value)
         "metadata": {"name": name}, "spec": spec
     }))
     .unwrap();
-    Api::<SecretRotation>::namespaced(client.clone(), ns).create(&PostParams::default(), &sr).await.unwrap()
+    Api::<SecretRotation>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sr)
+        .await
+        .unwrap()
 }
 
 pub async fn get_rotation(client: &Client, ns: &str, name: &str) -> SecretRotation {
-    Api::<SecretRotation>::namespaced(client.clone(), ns).get(name).await.unwrap()
+    Api::<SecretRotation>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
 }
 
 pub fn phase_of(sr: &SecretRotation) -> Option<Phase> {
@@ -182,32 +239,57 @@ pub fn phase_of(sr: &SecretRotation) -> Option<Phase> {
 }
 
 /// Waits until the SecretRotation's phase is `want`, and returns it. Panics
-/// with the status if another terminal phase is reached.
-pub async fn wait_phase(client: &Client, ns: &str, name: &str, want: Phase, timeout: Duration) -> SecretRotation {
+/// early (with the status) when a rotation finished after this call with
+/// another result.
+pub async fn wait_phase(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: Phase,
+    timeout: Duration,
+) -> SecretRotation {
     let start = std::time::Instant::now();
+    let last_id = |sr: &SecretRotation| {
+        sr.status
+            .as_ref()
+            .and_then(|s| s.last_rotation.as_ref())
+            .map(|l| l.id.clone())
+    };
+    let before = last_id(&get_rotation(client, ns, name).await);
     loop {
         let sr = get_rotation(client, ns, name).await;
         let phase = phase_of(&sr);
-        if phase == Some(want) {
+        if phase == Some(want)
+            && (!want.is_terminal() || last_id(&sr) != before || before.is_none())
+        {
             return sr;
         }
-        if let Some(p) = phase
-            && p.is_terminal()
-            && p != want
-            && sr.status.as_ref().and_then(|s| s.rotation.as_ref()).is_none()
-            && want.is_terminal()
-        {
-            panic!("{name} ended {p:?}, wanted {want:?}: {}", serde_json::to_string_pretty(&sr.status).unwrap());
+        let finished_other = want.is_terminal()
+            && last_id(&sr) != before
+            && sr.status.as_ref().is_some_and(|s| s.rotation.is_none())
+            && phase.is_some_and(|p| p.is_terminal() && p != want);
+        if finished_other {
+            panic!(
+                "{name} ended {phase:?}, wanted {want:?}: {}",
+                serde_json::to_string_pretty(&sr.status).unwrap()
+            );
         }
         if start.elapsed() > timeout {
-            panic!("{name} not {want:?} after {timeout:?}: {}", serde_json::to_string_pretty(&sr.status).unwrap());
+            panic!(
+                "{name} not {want:?} after {timeout:?}: {}",
+                serde_json::to_string_pretty(&sr.status).unwrap()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
 pub async fn events(client: &Client, ns: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
 }
 
 /// Event reasons and notes of one object, oldest first.
@@ -217,7 +299,12 @@ pub async fn event_notes(client: &Client, ns: &str, name: &str) -> Vec<(String, 
         .into_iter()
         .filter(|e| e.involved_object.name.as_deref() == Some(name))
         .collect();
-    evs.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0).or(e.first_timestamp.as_ref().map(|t| t.0)));
+    evs.sort_by_key(|e| {
+        e.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.first_timestamp.as_ref().map(|t| t.0))
+    });
     evs.into_iter()
         .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
@@ -225,21 +312,39 @@ pub async fn event_notes(client: &Client, ns: &str, name: &str) -> Vec<(String, 
 
 /// Fails if any of `values` appears in the operator's log, in any Event of the
 /// namespace, or in any SecretRotation's status or metadata.
-pub async fn assert_never_leaked(client: &Client, ns: &str, logs: &str, metrics: &str, values: &[&str]) {
+pub async fn assert_never_leaked(
+    client: &Client,
+    ns: &str,
+    logs: &str,
+    metrics: &str,
+    values: &[&str],
+) {
     let events = serde_json::to_string(&events(client, ns).await).unwrap();
-    let rotations = Api::<SecretRotation>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap();
+    let rotations = Api::<SecretRotation>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     let rotations: Vec<Value> = rotations
         .items
         .iter()
         .map(|r| json!({"status": r.status, "annotations": r.annotations(), "labels": r.labels()}))
         .collect();
     let rotations = serde_json::to_string(&rotations).unwrap();
-    assert!(!logs.is_empty(), "operator log is empty: the leak check would prove nothing");
+    assert!(
+        !logs.is_empty(),
+        "operator log is empty: the leak check would prove nothing"
+    );
     for v in values {
         assert!(v.len() >= 16, "canary too short to be meaningful");
-        assert!(!logs.contains(v), "a secret value leaked into the operator log");
+        assert!(
+            !logs.contains(v),
+            "a secret value leaked into the operator log"
+        );
         assert!(!events.contains(v), "a secret value leaked into an Event");
-        assert!(!rotations.contains(v), "a secret value leaked into SecretRotation status/metadata");
+        assert!(
+            !rotations.contains(v),
+            "a secret value leaked into SecretRotation status/metadata"
+        );
         assert!(!metrics.contains(v), "a secret value leaked into metrics");
     }
 }

@@ -51,7 +51,9 @@ pub fn cluster() -> &'static Cluster {
 pub async fn client_for(c: &Cluster) -> Client {
     rekey::install_crypto_provider();
     let kc = Kubeconfig::read_from(&c.kubeconfig).unwrap();
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
     Client::try_from(config).unwrap()
 }
 
@@ -63,12 +65,18 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
         "metadata": {"name": name, "labels": {"rekey.dev/test": "true"}}
     }))
     .unwrap();
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
     // Pods are refused until the ServiceAccount controller made `default`.
-    let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
-    wait_for("default ServiceAccount", Duration::from_secs(30), || async {
-        sa.get_opt("default").await.ok().flatten().is_some()
-    })
+    let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), &name);
+    wait_for(
+        "default ServiceAccount",
+        Duration::from_secs(30),
+        || async { sa.get_opt("default").await.ok().flatten().is_some() },
+    )
     .await;
     name
 }

@@ -42,14 +42,19 @@ impl Operator {
     }
 
     fn spawn(&mut self) {
-        self.log = self.dir.join(format!("rekey-{}-{}.log", self.namespace, self.restarts));
+        self.log = self
+            .dir
+            .join(format!("rekey-{}-{}.log", self.namespace, self.restarts));
         let log = fs::File::create(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_rekey"))
             .args(["run", "--poll=500ms"])
             .arg(format!("--namespaces={}", self.namespace))
             .arg(format!("--metrics-addr=127.0.0.1:{}", self.metrics_port))
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info,reqwest=info,h2=info")
+            .env(
+                "RUST_LOG",
+                "debug,kube=info,hyper=info,tower=info,rustls=info,reqwest=info,h2=info",
+            )
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -78,7 +83,10 @@ impl Operator {
     /// Everything the operator logged, over every restart.
     pub fn logs(&self) -> String {
         (0..=self.restarts)
-            .map(|i| fs::read_to_string(self.dir.join(format!("rekey-{}-{i}.log", self.namespace))).unwrap_or_default())
+            .map(|i| {
+                fs::read_to_string(self.dir.join(format!("rekey-{}-{i}.log", self.namespace)))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
