@@ -28,7 +28,7 @@ unit:
 	$(CARGO) test --locked --lib --bins
 
 integration: testenv
-	$(CARGO) test --locked --tests -- --test-threads=4
+	$(CARGO) test --locked --test '*' -- --test-threads=8
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml

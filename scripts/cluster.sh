@@ -27,6 +27,7 @@ case "${1:-}" in
     echo "  make cluster-down"
     ;;
   down)
+    if [[ -f $dir/rekey.pid ]]; then kill "$(cat $dir/rekey.pid)" 2>/dev/null || true; rm -f $dir/rekey.pid; fi
     [[ -f $dir/pid ]] || { echo "no cluster running"; exit 0; }
     pid=$(cat $dir/pid)
     wd=$(cat $dir/state/watchdog.pid 2>/dev/null || true)

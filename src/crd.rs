@@ -125,7 +125,7 @@ pub struct CredentialSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generated: Option<GeneratedSource>,
     /// An HTTP service issues new values and invalidates old ones. See
-    /// docs/sources/webhook.md for the JSON contract.
+    /// docs/sources.md for the JSON contract.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSource>,
     /// A person supplies the new value in a Secret, and at the end confirms
@@ -142,13 +142,13 @@ pub struct GeneratedSource {
     /// Number of characters, 16 to 256.
     #[serde(default = "default_length")]
     #[schemars(range(min = 16, max = 256))]
-    pub length: u32,
+    pub length: i32,
     /// Characters to draw from.
     #[serde(default)]
     pub alphabet: Alphabet,
 }
 
-fn default_length() -> u32 {
+fn default_length() -> i32 {
     48
 }
 

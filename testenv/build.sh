@@ -98,8 +98,18 @@ build_eso() {
   )
 }
 
+# moto's server mode emulates AWS Secrets Manager (PyPI `moto[server]`).
+build_moto() {
+  local out="$1"
+  python3 -m venv "$out/venv"
+  "$out/venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
+  # Not the venv's own script: its shebang names the .partial directory.
+  printf '#!/bin/sh\nexec "$(dirname "$0")/../venv/bin/python" -m moto.server "$@"\n' > "$out/bin/moto_server"
+  chmod +x "$out/bin/moto_server"
+}
+
 want=("$@")
-[[ ${#want[@]} -gt 0 ]] || want=(kube kwok-stages eso)
+[[ ${#want[@]} -gt 0 ]] || want=(kube kwok-stages eso moto)
 
 mkdir -p "$cache_root" "$repo/target"
 envfile="$repo/target/testenv.env"
@@ -109,6 +119,7 @@ for c in "${want[@]}"; do
     kube) dirs[kube]="$(component kube "$(key "$K8S_VERSION $ETCD_VERSION $KWOK_VERSION" "$here/go/go.mod" "$here/go/go.sum" "$here/go/cmd/kube/main.go" "$(declare -f build_kube)")" build_kube)" ;;
     kwok-stages) dirs[kwok-stages]="$(component kwok-stages "$(key "$KWOK_VERSION" "$(declare -f build_kwok_stages)")" build_kwok_stages)" ;;
     eso)  dirs[eso]="$(component eso "$(key "$ESO_VERSION" "$here/eso/go.mod" "$here/eso/go.sum" "$(declare -f build_eso)")" build_eso)" ;;
+    moto) dirs[moto]="$(component moto "$(key "$MOTO_VERSION" "$(declare -f build_moto)")" build_moto)" ;;
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
 done
@@ -118,6 +129,7 @@ done
   [[ -n "${dirs[kube]:-}" ]] && echo "REKEY_KUBE_BIN=${dirs[kube]}/bin"
   [[ -n "${dirs[kwok-stages]:-}" ]] && echo "REKEY_KWOK_STAGES=${dirs[kwok-stages]}/kwok-stages.yaml"
   [[ -n "${dirs[eso]:-}" ]] && echo "REKEY_ESO_BIN=${dirs[eso]}/bin/external-secrets" && echo "REKEY_ESO_CRDS=${dirs[eso]}/crds/bundle.yaml"
+  [[ -n "${dirs[moto]:-}" ]] && echo "REKEY_MOTO_SERVER=${dirs[moto]}/bin/moto_server"
   echo "REKEY_K8S_VERSION=${K8S_VERSION}"
 } > "$envfile"
 log "environment ready: $envfile"

@@ -1,6 +1,6 @@
 //! `webhook`: an HTTP service issues and invalidates values.
 //!
-//! Contract (docs/sources/webhook.md): rekey POSTs JSON
+//! Contract (docs/sources.md): rekey POSTs JSON
 //! `{"rotationId", "namespace", "name"}` with `Idempotency-Key: <rotationId>`
 //! (and `Authorization: Bearer <token>` when configured) to `issueUrl`, which
 //! answers `{"value": "..."}` — the same value for the same rotation id — and
