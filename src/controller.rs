@@ -408,7 +408,7 @@ impl Reconciler {
         }
         let mut current = None;
         for target in &spec.targets {
-            let store = store::for_target(target, &self.ctx, &self.namespace)?;
+            let store = store::for_target(target, &self.ctx, &self.namespace).await?;
             store.preflight().await?;
             if current.is_none() {
                 current = store.read_current().await?;
@@ -440,7 +440,8 @@ impl Reconciler {
             // for onFailure: Rollback.
             let mut previous = BTreeMap::new();
             for target in &self.sr.spec.targets {
-                if let Some(v) = store::for_target(target, &self.ctx, &self.namespace)?
+                if let Some(v) = store::for_target(target, &self.ctx, &self.namespace)
+                    .await?
                     .read_current()
                     .await?
                 {
@@ -496,11 +497,11 @@ impl Reconciler {
         let value = self.new_value().await?;
         let id = self.rotation().id.clone();
         for target in self.sr.spec.targets.clone() {
-            let store = store::for_target(&target, &self.ctx, &self.namespace)?;
+            let store = store::for_target(&target, &self.ctx, &self.namespace).await?;
             let started = std::time::Instant::now();
             let result = store.write(&value, &id).await;
             self.ctx.metrics.provider_call(
-                store_provider(&target),
+                store::provider_of(&target),
                 "write",
                 if result.is_ok() { "success" } else { "error" },
                 started.elapsed(),
@@ -685,7 +686,8 @@ impl Reconciler {
             ) else {
                 continue;
             };
-            store::for_target(target, &self.ctx, &self.namespace)?
+            store::for_target(target, &self.ctx, &self.namespace)
+                .await?
                 .write(previous, &token)
                 .await?;
         }
@@ -1080,14 +1082,6 @@ fn waits_for_a_person(phase: Phase) -> bool {
         phase,
         Phase::AwaitingApproval | Phase::AwaitingConfirmation | Phase::Invalidating
     )
-}
-
-fn store_provider(target: &Target) -> &'static str {
-    if target.kubernetes_secret.is_some() {
-        "kubernetes"
-    } else {
-        "unknown"
-    }
 }
 
 /// A rotation id: sortable by time, unique, safe as an idempotency key.

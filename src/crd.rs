@@ -209,8 +209,8 @@ pub struct SecretKeyRef {
 
 /// A store that must hold the new value. Exactly one store kind must be set.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("[has(self.kubernetesSecret)].filter(x, x).size() == 1")
-    .message("each target must set exactly one store kind (kubernetesSecret)"))]
+#[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.ibmSecretsManager), has(self.awsSecretsManager)].filter(x, x).size() == 1")
+    .message("each target must set exactly one store kind: kubernetesSecret, ibmSecretsManager or awsSecretsManager"))]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
     /// Name of the target, unique in this SecretRotation, e.g. `dev-stage` or
@@ -223,6 +223,96 @@ pub struct Target {
     /// A Kubernetes Secret, e.g. one that ESO's kubernetes provider reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_secret: Option<KubernetesSecretTarget>,
+    /// A secret in an IBM Cloud Secrets Manager instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ibm_secrets_manager: Option<IbmSecretsManagerTarget>,
+    /// A secret in AWS Secrets Manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_secrets_manager: Option<AwsSecretsManagerTarget>,
+}
+
+/// A secret in IBM Cloud Secrets Manager (API v2). Each write creates a new
+/// secret version whose `version_custom_metadata.rekey_rotation_id` names the
+/// rotation; a retried write finds it and creates nothing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.secretId) != has(self.secretName)").message("ibmSecretsManager must set exactly one of secretId, secretName"))]
+#[serde(rename_all = "camelCase")]
+pub struct IbmSecretsManagerTarget {
+    /// The instance's endpoint, e.g.
+    /// `https://<instance-id>.us-south.secrets-manager.appdomain.cloud`.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("serviceUrl must be an http(s) URL"))]
+    pub service_url: String,
+    /// The secret's id (a UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub secret_id: Option<String>,
+    /// Alternatively, the secret's name, looked up in `secretGroup` by `secretType`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub secret_name: Option<String>,
+    /// Secret group id for a lookup by name; default `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub secret_group: Option<String>,
+    /// Secret type for a lookup by name: `arbitrary` (default), `kv` or
+    /// `username_password`. Looked up from the secret when `secretId` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub secret_type: Option<String>,
+    /// For `kv` secrets: the key inside the secret's data that holds the value
+    /// (other keys are kept). `arbitrary` secrets hold the value as payload,
+    /// `username_password` secrets as password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub key: Option<String>,
+    /// Secret (same namespace) and key holding an IBM Cloud API key allowed to
+    /// read and write the secret.
+    pub api_key_secret_ref: SecretKeyRef,
+    /// IAM endpoint that exchanges the API key for a token.
+    #[serde(default = "default_iam_url")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub iam_url: String,
+}
+
+fn default_iam_url() -> String {
+    "https://iam.cloud.ibm.com".into()
+}
+
+/// A secret in AWS Secrets Manager, written the way AWS's own rotation works:
+/// the new value becomes a version (`ClientRequestToken` derived from the
+/// rotation id) staged `AWSPENDING`, then `AWSCURRENT` moves to it and the old
+/// version keeps `AWSPREVIOUS`. Rollback moves `AWSCURRENT` back.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsSecretsManagerTarget {
+    /// AWS region, e.g. `eu-central-1`.
+    #[schemars(length(min = 1, max = 32))]
+    pub region: String,
+    /// Name or ARN of the secret (it must exist).
+    #[schemars(length(min = 1, max = 2048))]
+    pub secret_id: String,
+    /// When set, the secret's string is a JSON object and the value goes to
+    /// this key (other keys are kept); otherwise the whole string is the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub key: Option<String>,
+    /// Secret (same namespace) with keys `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and optionally `AWS_SESSION_TOKEN`.
+    pub credentials_secret_ref: LocalSecretRef,
+    /// Endpoint override, e.g. a VPC endpoint or a local emulator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub endpoint: Option<String>,
+}
+
+/// A Secret in the namespace of the SecretRotation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// A key in a Kubernetes Secret that rekey writes (and creates if missing).

@@ -49,6 +49,7 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
         nodes: 1,
         eso: false,
         eso_env: vec![],
+        moto: false,
     });
     install_crd(c);
     let client = common::client_for(c).await;
@@ -174,6 +175,22 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
         "bad-restart",
         &|v| v["proof"]["restart"] = json!("Sometimes"),
         "Unsupported value",
+    );
+    case(
+        "ibm-id-and-name",
+        &|v| {
+            v["targets"][0] = json!({"name": "dev", "ibmSecretsManager": {
+        "serviceUrl": "https://sm", "secretId": "a", "secretName": "b", "apiKeySecretRef": {"name": "k", "key": "k"}}})
+        },
+        "exactly one of secretId, secretName",
+    );
+    case(
+        "two-store-kinds",
+        &|v| {
+            v["targets"][0]["awsSecretsManager"] = json!({
+        "region": "eu-central-1", "secretId": "x", "credentialsSecretRef": {"name": "aws"}})
+        },
+        "exactly one store kind",
     );
     assert!(cases.len() >= 10);
     for (name, spec, want) in cases {

@@ -233,6 +233,7 @@ fn helper_start_cluster_then_die() {
             nodes: 1,
             eso: true,
             eso_env: vec![],
+            moto: true,
         },
     )
     .unwrap();
@@ -285,8 +286,8 @@ fn run_helper_and_check(die: &str) {
         .map(|l| l.parse().unwrap())
         .collect();
     assert!(
-        pids.len() >= 7,
-        "etcd, apiserver, kcm, scheduler, kwok, eso and the watchdog: {pids:?}"
+        pids.len() >= 8,
+        "etcd, apiserver, kcm, scheduler, kwok, moto, eso and the watchdog: {pids:?}"
     );
     let start = std::time::Instant::now();
     while pids.iter().any(|p| alive(*p)) && start.elapsed() < Duration::from_secs(15) {

@@ -1,5 +1,7 @@
 //! Stores: where the new value is written (one per target).
 
+pub mod aws;
+pub mod ibm;
 pub mod kubernetes;
 
 use async_trait::async_trait;
@@ -31,14 +33,22 @@ pub trait Store: Send + Sync {
     async fn write(&self, value: &SecretValue, rotation_id: &str) -> Result<String>;
     /// Checks that the store answers and the credentials work, without writing.
     async fn preflight(&self) -> Result<()>;
+    /// Undoes `write` of `rotation_id` after a failure (onFailure: Rollback):
+    /// makes `previous` the current value again; returns the version now
+    /// current. Idempotent. By default `previous` is written as a new version.
+    async fn restore(&self, previous: &SecretValue, rotation_id: &str) -> Result<String> {
+        self.write(previous, &format!("{rotation_id}-rollback"))
+            .await
+    }
 }
 
-/// Builds the store of a target.
-pub fn for_target(
+/// Builds the store of a target; reads its credentials from Secrets in `namespace`.
+pub async fn for_target(
     target: &Target,
     ctx: &crate::controller::Context,
     namespace: &str,
 ) -> Result<Box<dyn Store>> {
+    use crate::source::read_secret_key;
     if let Some(k) = &target.kubernetes_secret {
         return Ok(Box::new(kubernetes::KubernetesSecretStore::new(
             ctx.client.clone(),
@@ -46,8 +56,49 @@ pub fn for_target(
             namespace,
         )));
     }
+    if let Some(t) = &target.ibm_secrets_manager {
+        let key = read_secret_key(
+            ctx,
+            namespace,
+            &t.api_key_secret_ref.name,
+            &t.api_key_secret_ref.key,
+        )
+        .await?;
+        return Ok(Box::new(ibm::IbmSecretsManagerStore::new(
+            ctx.http.clone(),
+            ctx.metrics.clone(),
+            t,
+            key,
+        )));
+    }
+    if let Some(t) = &target.aws_secrets_manager {
+        let r = &t.credentials_secret_ref.name;
+        let id = read_secret_key(ctx, namespace, r, "AWS_ACCESS_KEY_ID").await?;
+        let secret = read_secret_key(ctx, namespace, r, "AWS_SECRET_ACCESS_KEY").await?;
+        let session = read_secret_key(ctx, namespace, r, "AWS_SESSION_TOKEN")
+            .await
+            .ok();
+        return Ok(Box::new(aws::AwsSecretsManagerStore::new(
+            ctx.metrics.clone(),
+            t,
+            id,
+            secret,
+            session,
+        )));
+    }
     Err(Error::permanent(
         "InvalidSpec",
         format!("target {} sets no store", target.name),
     ))
+}
+
+/// The provider label of a target, for metrics.
+pub fn provider_of(target: &Target) -> &'static str {
+    if target.ibm_secrets_manager.is_some() {
+        "ibm-secrets-manager"
+    } else if target.aws_secrets_manager.is_some() {
+        "aws-secrets-manager"
+    } else {
+        "kubernetes"
+    }
 }

@@ -30,6 +30,7 @@ pub struct Binaries {
     pub eso: PathBuf,
     pub eso_crds: PathBuf,
     pub kwok_stages: PathBuf,
+    pub moto_server: PathBuf,
     pub all: HashMap<String, String>,
 }
 
@@ -67,6 +68,7 @@ impl Binaries {
             eso: get("REKEY_ESO_BIN")?,
             eso_crds: get("REKEY_ESO_CRDS")?,
             kwok_stages: get("REKEY_KWOK_STAGES")?,
+            moto_server: get("REKEY_MOTO_SERVER")?,
             all,
         })
     }
@@ -83,8 +85,11 @@ pub struct Options {
     pub nodes: usize,
     /// Start the External Secrets Operator controller (and apply its CRDs).
     pub eso: bool,
-    /// Extra environment for the ESO process (e.g. AWS_SECRETSMANAGER_ENDPOINT).
+    /// Extra environment for the ESO process.
     pub eso_env: Vec<(String, String)>,
+    /// Start moto (AWS Secrets Manager emulator); ESO's AWS provider is
+    /// pointed at it with AWS_SECRETSMANAGER_ENDPOINT.
+    pub moto: bool,
 }
 
 impl Default for Options {
@@ -93,6 +98,7 @@ impl Default for Options {
             nodes: 2,
             eso: true,
             eso_env: vec![],
+            moto: true,
         }
     }
 }
@@ -101,6 +107,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     pub api_url: String,
+    /// moto's URL, when started.
+    pub moto_url: Option<String>,
     pub ca_pem: String,
     pub admin_cert_pem: String,
     pub admin_key_pem: String,
@@ -234,6 +242,7 @@ impl Cluster {
             "kwok",
             "eso-metrics",
             "eso-webhook",
+            "moto",
         ] {
             ports.insert(name, free_port());
         }
@@ -248,6 +257,7 @@ impl Cluster {
             dir: dir.clone(),
             kubeconfig: kubeconfig.clone(),
             api_url: api_url.clone(),
+            moto_url: None,
             ca_pem: pki.ca_pem.clone(),
             admin_cert_pem: pki.admin_cert.clone(),
             admin_key_pem: pki.admin_key.clone(),
@@ -383,6 +393,22 @@ impl Cluster {
         )?;
         cluster.create_nodes(opts.nodes)?;
 
+        if opts.moto {
+            let url = format!("http://127.0.0.1:{}", ports["moto"]);
+            cluster.spawn(
+                "moto",
+                &cluster.bins.moto_server.clone(),
+                &[
+                    "-H".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    ports["moto"].to_string(),
+                ],
+                &[],
+            )?;
+            cluster.wait_http("moto", &format!("{url}/moto-api/"), Duration::from_secs(60))?;
+            cluster.moto_url = Some(url);
+        }
         if opts.eso {
             cluster.kubectl(&[
                 "apply",
@@ -399,6 +425,9 @@ impl Cluster {
                 "crd/clustersecretstores.external-secrets.io",
             ])?;
             let mut env: Vec<(String, String)> = vec![("KUBECONFIG".into(), kc.clone())];
+            if let Some(moto) = &cluster.moto_url {
+                env.push(("AWS_SECRETSMANAGER_ENDPOINT".into(), moto.clone()));
+            }
             env.extend(opts.eso_env.iter().cloned());
             cluster.spawn(
                 "external-secrets",

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fixtures;
+pub mod ibm;
 pub mod operator;
 
 use std::future::Future;

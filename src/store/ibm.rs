@@ -1,0 +1,375 @@
+//! `ibmSecretsManager` target: IBM Cloud Secrets Manager v2.
+//!
+//! Auth: the API key is exchanged at `POST {iamUrl}/identity/token` for a
+//! bearer token, cached until a minute before it expires. Writing creates a
+//! new secret version stamped with `version_custom_metadata.rekey_rotation_id`;
+//! before writing, the current version's metadata is read and the write is
+//! skipped when it already carries this rotation id, so a retry after a crash
+//! never creates a second version. Errors map to fixed reasons; response
+//! bodies are never read into them.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::Store;
+use crate::crd::IbmSecretsManagerTarget;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::value::SecretValue;
+
+const PROVIDER: &str = "ibm-secrets-manager";
+/// Key of the version metadata that names the rotation which wrote a version.
+pub const ROTATION_METADATA_KEY: &str = "rekey_rotation_id";
+
+struct Token {
+    value: SecretValue,
+    refresh_after: Instant,
+}
+
+pub struct IbmSecretsManagerStore {
+    http: reqwest::Client,
+    metrics: Metrics,
+    service_url: String,
+    iam_url: String,
+    api_key: SecretValue,
+    target: IbmSecretsManagerTarget,
+    token: Mutex<Option<Token>>,
+    /// The secret id, once resolved (from `secretId`, or by group/type/name).
+    secret_id: Mutex<Option<String>>,
+}
+
+/// What the current version holds, as far as rekey cares.
+struct Current {
+    secret_type: String,
+    value: Option<SecretValue>,
+    /// kv secrets: the whole data map (other keys are kept on write).
+    data: Option<serde_json::Map<String, Value>>,
+}
+
+impl IbmSecretsManagerStore {
+    pub fn new(
+        http: reqwest::Client,
+        metrics: Metrics,
+        target: &IbmSecretsManagerTarget,
+        api_key: SecretValue,
+    ) -> Self {
+        Self {
+            http,
+            metrics,
+            service_url: target.service_url.trim_end_matches('/').to_string(),
+            iam_url: target
+                .iam_url
+                .trim_end_matches('/')
+                .trim_end_matches("/identity/token")
+                .to_string(),
+            api_key,
+            target: target.clone(),
+            token: Mutex::new(None),
+            secret_id: Mutex::new(target.secret_id.clone()),
+        }
+    }
+
+    async fn bearer(&self) -> Result<SecretValue> {
+        let mut cached = self.token.lock().await;
+        if let Some(t) = cached.as_ref()
+            && Instant::now() < t.refresh_after
+        {
+            return Ok(t.value.clone());
+        }
+        let started = Instant::now();
+        let resp = self
+            .http
+            .post(format!("{}/identity/token", self.iam_url))
+            .header("Accept", "application/json")
+            .form(&[
+                ("grant_type", "urn:ibm:params:oauth:grant-type:apikey"),
+                ("apikey", self.api_key.expose()),
+            ])
+            .send()
+            .await;
+        let outcome = if resp.as_ref().is_ok_and(|r| r.status().is_success()) {
+            "success"
+        } else {
+            "error"
+        };
+        self.metrics
+            .provider_call("ibm-iam", "token", outcome, started.elapsed());
+        let resp =
+            resp.map_err(|e| Error::http("IbmIamUnreachable", "IBM IAM token request", &e))?;
+        let status = resp.status();
+        if status.is_client_error() {
+            return Err(Error::permanent(
+                "IbmCredentialsRejected",
+                format!("IBM IAM refused the API key (HTTP {})", status.as_u16()),
+            ));
+        }
+        if !status.is_success() {
+            return Err(Error::transient(
+                "IbmIamError",
+                format!("IBM IAM answered HTTP {}", status.as_u16()),
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            access_token: String,
+            expires_in: Option<u64>,
+        }
+        let body: TokenResponse = resp.json().await.map_err(|_| {
+            Error::transient("IbmIamError", "IBM IAM answered without an access token")
+        })?;
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(3600));
+        let value = SecretValue::new(body.access_token);
+        *cached = Some(Token {
+            value: value.clone(),
+            refresh_after: Instant::now() + lifetime.saturating_sub(Duration::from_secs(60)),
+        });
+        Ok(value)
+    }
+
+    /// One API call, retried with backoff and jitter on 429 and 5xx.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        call: &'static str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let mut delay = Duration::from_millis(300);
+        for attempt in 1..=4 {
+            let token = self.bearer().await?;
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.service_url))
+                .bearer_auth(token.expose())
+                .header("Accept", "application/json");
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let started = Instant::now();
+            let resp = req.send().await;
+            let status = resp.as_ref().map(|r| r.status()).ok();
+            let outcome = match status {
+                Some(s) if s.is_success() => "success",
+                Some(s) if s.is_client_error() => "client_error",
+                Some(_) => "server_error",
+                None => "unreachable",
+            };
+            self.metrics
+                .provider_call(PROVIDER, call, outcome, started.elapsed());
+            let retryable = match &resp {
+                Err(_) => true,
+                Ok(r) => {
+                    r.status() == StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error()
+                }
+            };
+            if retryable && attempt < 4 {
+                let jitter = Duration::from_millis(
+                    rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1),
+                );
+                tokio::time::sleep(delay + jitter).await;
+                delay *= 2;
+                continue;
+            }
+            let resp = resp.map_err(|e| {
+                Error::http(
+                    "IbmSecretsManagerUnreachable",
+                    &format!("IBM Secrets Manager {call}"),
+                    &e,
+                )
+            })?;
+            let status = resp.status();
+            if status.is_success() {
+                return resp.json().await.map_err(|_| {
+                    Error::transient(
+                        "IbmSecretsManagerError",
+                        format!("IBM Secrets Manager {call}: response is not JSON"),
+                    )
+                });
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                // A revoked token: forget it, the next attempt gets a new one.
+                *self.token.lock().await = None;
+            }
+            return Err(map_status(status, call, &self.target));
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    async fn secret_id(&self) -> Result<String> {
+        let mut id = self.secret_id.lock().await;
+        if let Some(id) = id.as_ref() {
+            return Ok(id.clone());
+        }
+        let name = self.target.secret_name.as_deref().unwrap_or_default();
+        let path = format!(
+            "/api/v2/secret_groups/{}/secret_types/{}/secrets/{name}",
+            self.target.secret_group.as_deref().unwrap_or("default"),
+            self.target.secret_type.as_deref().unwrap_or("arbitrary"),
+        );
+        let secret = self
+            .call(Method::GET, &path, "get_secret_by_name", None)
+            .await?;
+        let found = secret["id"]
+            .as_str()
+            .ok_or_else(|| {
+                Error::permanent(
+                    "IbmSecretsManagerError",
+                    "secret lookup by name returned no id",
+                )
+            })?
+            .to_string();
+        *id = Some(found.clone());
+        Ok(found)
+    }
+
+    async fn current(&self) -> Result<Current> {
+        let id = self.secret_id().await?;
+        let secret = self
+            .call(
+                Method::GET,
+                &format!("/api/v2/secrets/{id}"),
+                "get_secret",
+                None,
+            )
+            .await?;
+        let secret_type = secret["secret_type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let (value, data) = match secret_type.as_str() {
+            "arbitrary" => (secret["payload"].as_str().map(SecretValue::new), None),
+            "username_password" => (secret["password"].as_str().map(SecretValue::new), None),
+            "kv" => {
+                let data = secret["data"].as_object().cloned().unwrap_or_default();
+                let key = self.target.key.as_deref().unwrap_or_default();
+                (
+                    data.get(key).and_then(Value::as_str).map(SecretValue::new),
+                    Some(data),
+                )
+            }
+            other => {
+                return Err(Error::permanent(
+                    "IbmUnsupportedSecretType",
+                    format!(
+                        "IBM secret {id} has type {other}; rekey writes arbitrary, kv and username_password secrets"
+                    ),
+                ));
+            }
+        };
+        Ok(Current {
+            secret_type,
+            value,
+            data,
+        })
+    }
+}
+
+fn map_status(status: StatusCode, call: &str, target: &IbmSecretsManagerTarget) -> Error {
+    let what = target
+        .secret_id
+        .as_deref()
+        .or(target.secret_name.as_deref())
+        .unwrap_or("?");
+    match status.as_u16() {
+        401 | 403 => Error::permanent(
+            "IbmCredentialsRejected",
+            format!(
+                "IBM Secrets Manager {call}: the API key may not access secret {what} (HTTP {})",
+                status.as_u16()
+            ),
+        ),
+        404 => Error::permanent(
+            "IbmSecretNotFound",
+            format!("IBM Secrets Manager {call}: secret {what} not found"),
+        ),
+        412 => Error::permanent(
+            "IbmSecretLocked",
+            format!(
+                "IBM Secrets Manager {call}: secret {what} has a locked version; remove the lock or rotate later"
+            ),
+        ),
+        429 => Error::transient(
+            "IbmRateLimited",
+            format!("IBM Secrets Manager {call}: rate limited"),
+        ),
+        s if s >= 500 => Error::transient(
+            "IbmSecretsManagerError",
+            format!("IBM Secrets Manager {call}: HTTP {s}"),
+        ),
+        s => Error::permanent(
+            "IbmSecretsManagerRejected",
+            format!("IBM Secrets Manager {call}: HTTP {s}"),
+        ),
+    }
+}
+
+#[async_trait]
+impl Store for IbmSecretsManagerStore {
+    async fn read_current(&self) -> Result<Option<SecretValue>> {
+        Ok(self.current().await?.value)
+    }
+
+    async fn write(&self, value: &SecretValue, rotation_id: &str) -> Result<String> {
+        let id = self.secret_id().await?;
+        let meta_path = format!("/api/v2/secrets/{id}/versions/current/metadata");
+        let meta = self
+            .call(Method::GET, &meta_path, "get_version_metadata", None)
+            .await?;
+        if meta["version_custom_metadata"][ROTATION_METADATA_KEY].as_str() == Some(rotation_id) {
+            return Ok(meta["id"].as_str().unwrap_or_default().to_string());
+        }
+        let current = self.current().await?;
+        let metadata = json!({ ROTATION_METADATA_KEY: rotation_id });
+        let body = match current.secret_type.as_str() {
+            "kv" => {
+                let mut data = current.data.unwrap_or_default();
+                data.insert(
+                    self.target.key.clone().unwrap_or_default(),
+                    Value::String(value.expose().into()),
+                );
+                json!({"data": data, "version_custom_metadata": metadata})
+            }
+            "username_password" => {
+                json!({"password": value.expose(), "version_custom_metadata": metadata})
+            }
+            _ => json!({"payload": value.expose(), "version_custom_metadata": metadata}),
+        };
+        let created = self
+            .call(
+                Method::POST,
+                &format!("/api/v2/secrets/{id}/versions"),
+                "create_version",
+                Some(&body),
+            )
+            .await?;
+        let version = created["id"].as_str().unwrap_or_default().to_string();
+        // Verify: the current version is the one just written.
+        let meta = self
+            .call(Method::GET, &meta_path, "get_version_metadata", None)
+            .await?;
+        if meta["id"].as_str() != Some(version.as_str()) {
+            return Err(Error::transient(
+                "IbmWriteNotCurrent",
+                format!(
+                    "IBM secret {id}: version {version} was created but is not the current version"
+                ),
+            ));
+        }
+        Ok(version)
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        let current = self.current().await?;
+        if current.secret_type == "kv" && self.target.key.is_none() {
+            return Err(Error::permanent(
+                "InvalidSpec",
+                "ibmSecretsManager: a kv secret needs `key`",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,609 @@
+//! Secrets Manager targets: IBM Cloud Secrets Manager (against the emulator in
+//! tests/common/ibm.rs) and AWS Secrets Manager (against moto), each proven
+//! end to end through the real ESO, and a rotation with both at once.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_secretsmanager::Client as Aws;
+use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
+use common::cluster::Cluster;
+use common::fixtures::*;
+use common::ibm::IbmEmulator;
+use common::operator::Operator;
+use kube::Client;
+use kube::api::{Api, DynamicObject, PostParams};
+use rekey::crd::{AwsSecretsManagerTarget, IbmSecretsManagerTarget, LocalSecretRef, Phase};
+use rekey::store::Store;
+use rekey::store::aws::AwsSecretsManagerStore;
+use rekey::store::ibm::IbmSecretsManagerStore;
+use rekey::value::SecretValue;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(120);
+const AWS_KEY: &str = "AKIAREKEYTEST0000001";
+const AWS_SECRET: &str = "rekey-test-secret-access-key";
+
+fn ibm_target(emu: &IbmEmulator, secret_id: &str) -> IbmSecretsManagerTarget {
+    serde_json::from_value(json!({
+        "serviceUrl": emu.url, "secretId": secret_id, "iamUrl": emu.url,
+        "apiKeySecretRef": {"name": "ibm-api-key", "key": "apikey"}
+    }))
+    .unwrap()
+}
+
+fn ibm_store(target: &IbmSecretsManagerTarget, api_key: &str) -> IbmSecretsManagerStore {
+    rekey::install_crypto_provider();
+    IbmSecretsManagerStore::new(
+        reqwest::Client::new(),
+        rekey::metrics::Metrics::new(),
+        target,
+        SecretValue::new(api_key),
+    )
+}
+
+#[tokio::test]
+async fn ibm_store_writes_one_version_per_rotation_and_maps_errors() {
+    let emu = IbmEmulator::start().await;
+    emu.add_api_key("good-key");
+    let old = common::canary("old");
+    let id = emu.create_secret("ai-component", "arbitrary", json!(old));
+    let store = ibm_store(&ibm_target(&emu, &id), "good-key");
+    store.preflight().await.unwrap();
+    assert_eq!(store.read_current().await.unwrap().unwrap().expose(), old);
+
+    // The Writing phase twice (a crash after the first write): one new version.
+    let new = SecretValue::new(common::canary("new"));
+    let v1 = store.write(&new, "rot-1").await.unwrap();
+    let v2 = store.write(&new, "rot-1").await.unwrap();
+    assert_eq!(v1, v2);
+    let s = emu.secret(&id);
+    assert_eq!(s.versions.len(), 2, "exactly one new version");
+    assert_eq!(s.versions[1].id, v1);
+    assert_eq!(s.versions[1].custom_metadata["rekey_rotation_id"], "rot-1");
+    assert_eq!(
+        store.read_current().await.unwrap().unwrap().expose(),
+        new.expose()
+    );
+    // Even a new store (a restarted operator) finds the version by its metadata.
+    let again = ibm_store(&ibm_target(&emu, &id), "good-key");
+    assert_eq!(again.write(&new, "rot-1").await.unwrap(), v1);
+    assert_eq!(emu.secret(&id).versions.len(), 2);
+    let tokens = emu
+        .state
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .filter(|c| c.contains("identity/token"))
+        .count();
+    assert_eq!(
+        tokens, 2,
+        "one IAM token per store instance, cached across calls"
+    );
+
+    // 429/5xx are retried with backoff.
+    emu.state.lock().unwrap().fail_next_writes = vec![503, 429];
+    let v3 = store
+        .write(&SecretValue::new(common::canary("third")), "rot-2")
+        .await
+        .unwrap();
+    assert_eq!(emu.secret(&id).versions.len(), 3);
+    assert_eq!(emu.secret(&id).versions[2].id, v3);
+
+    // A locked previous version answers 412: a clear, permanent error.
+    emu.lock_version(&id, 1, "audit-hold");
+    let err = store
+        .write(&SecretValue::new(common::canary("fourth")), "rot-3")
+        .await
+        .unwrap_err();
+    assert_eq!((err.reason, err.permanent), ("IbmSecretLocked", true));
+    // Wrong credentials and a wrong id.
+    let err = ibm_store(&ibm_target(&emu, &id), "bad-key")
+        .read_current()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.reason, err.permanent),
+        ("IbmCredentialsRejected", true)
+    );
+    let err = ibm_store(
+        &ibm_target(&emu, "0b6a1a57-0000-4000-a000-000000000000"),
+        "good-key",
+    )
+    .read_current()
+    .await
+    .unwrap_err();
+    assert_eq!((err.reason, err.permanent), ("IbmSecretNotFound", true));
+    assert!(
+        !err.message.contains("Secret not found"),
+        "no response body in messages"
+    );
+}
+
+#[tokio::test]
+async fn ibm_store_handles_kv_and_lookup_by_name() {
+    let emu = IbmEmulator::start().await;
+    emu.add_api_key("k");
+    let id = emu.create_secret(
+        "app-config",
+        "kv",
+        json!({"client_secret": "old-value-0000000000", "client_id": "ai-component"}),
+    );
+    let target: IbmSecretsManagerTarget = serde_json::from_value(json!({
+        "serviceUrl": emu.url, "iamUrl": emu.url, "secretName": "app-config", "secretType": "kv",
+        "key": "client_secret", "apiKeySecretRef": {"name": "x", "key": "y"}
+    }))
+    .unwrap();
+    let store = ibm_store(&target, "k");
+    store.preflight().await.unwrap();
+    let new = SecretValue::new(common::canary("kv"));
+    store.write(&new, "rot-kv").await.unwrap();
+    let data = emu
+        .secret(&id)
+        .versions
+        .last()
+        .unwrap()
+        .payload
+        .clone()
+        .unwrap();
+    assert_eq!(data["client_secret"], new.expose());
+    assert_eq!(data["client_id"], "ai-component", "other keys are kept");
+}
+
+fn aws_client(c: &Cluster) -> Aws {
+    rekey::install_crypto_provider();
+    let config = aws_sdk_secretsmanager::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(AWS_KEY, AWS_SECRET, None, None, "test"))
+        .endpoint_url(c.moto_url.clone().unwrap())
+        .build();
+    Aws::from_conf(config)
+}
+
+fn aws_target(c: &Cluster, secret_id: &str) -> AwsSecretsManagerTarget {
+    AwsSecretsManagerTarget {
+        region: "us-east-1".into(),
+        secret_id: secret_id.into(),
+        key: None,
+        credentials_secret_ref: LocalSecretRef {
+            name: "aws-creds".into(),
+        },
+        endpoint: c.moto_url.clone(),
+    }
+}
+
+fn aws_store(target: &AwsSecretsManagerTarget) -> AwsSecretsManagerStore {
+    AwsSecretsManagerStore::new(
+        rekey::metrics::Metrics::new(),
+        target,
+        SecretValue::new(AWS_KEY),
+        SecretValue::new(AWS_SECRET),
+        None,
+    )
+}
+
+async fn aws_stages(aws: &Aws, id: &str) -> Vec<(String, Vec<String>)> {
+    let d = aws.describe_secret().secret_id(id).send().await.unwrap();
+    let mut v: Vec<(String, Vec<String>)> = d
+        .version_ids_to_stages
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    v.sort();
+    v
+}
+
+fn holding(stages: &[(String, Vec<String>)], label: &str) -> Option<String> {
+    stages
+        .iter()
+        .find(|(_, s)| s.iter().any(|l| l == label))
+        .map(|(v, _)| v.clone())
+}
+
+#[tokio::test]
+async fn aws_store_follows_the_staging_label_model_on_moto() {
+    let c = common::cluster();
+    let aws = aws_client(c);
+    let name = format!("store-test-{}", rand::random::<u32>());
+    let old = common::canary("old");
+    aws.create_secret()
+        .name(&name)
+        .secret_string(&old)
+        .send()
+        .await
+        .unwrap();
+    let old_version = holding(&aws_stages(&aws, &name).await, "AWSCURRENT").unwrap();
+    let store = aws_store(&aws_target(c, &name));
+    store.preflight().await.unwrap();
+    assert_eq!(store.read_current().await.unwrap().unwrap().expose(), old);
+
+    let new = SecretValue::new(common::canary("new"));
+    let v1 = store.write(&new, "20261125-120000-abcdef01").await.unwrap();
+    let v2 = store.write(&new, "20261125-120000-abcdef01").await.unwrap();
+    assert_eq!(v1, v2);
+    assert_eq!(
+        v1,
+        rekey::store::aws::version_id("20261125-120000-abcdef01")
+    );
+    let stages = aws_stages(&aws, &name).await;
+    assert_eq!(stages.len(), 2, "exactly one new version: {stages:?}");
+    assert_eq!(holding(&stages, "AWSCURRENT"), Some(v1.clone()));
+    assert_eq!(holding(&stages, "AWSPREVIOUS"), Some(old_version.clone()));
+    assert_eq!(
+        holding(&stages, "AWSPENDING"),
+        None,
+        "AWSPENDING is cleared once current"
+    );
+    let got = aws
+        .get_secret_value()
+        .secret_id(&name)
+        .version_stage("AWSCURRENT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.secret_string.as_deref(), Some(new.expose()));
+
+    // Rollback moves AWSCURRENT back; a second restore changes nothing.
+    assert_eq!(
+        store
+            .restore(&SecretValue::new(old.clone()), "20261125-120000-abcdef01")
+            .await
+            .unwrap(),
+        old_version
+    );
+    assert_eq!(
+        store
+            .restore(&SecretValue::new(old.clone()), "20261125-120000-abcdef01")
+            .await
+            .unwrap(),
+        old_version
+    );
+    let got = aws
+        .get_secret_value()
+        .secret_id(&name)
+        .version_stage("AWSCURRENT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.secret_string.as_deref(), Some(old.as_str()));
+    assert_eq!(aws_stages(&aws, &name).await.len(), 2);
+
+    // JSON key mode keeps the other keys.
+    let json_name = format!("{name}-json");
+    aws.create_secret()
+        .name(&json_name)
+        .secret_string(r#"{"client_id":"ai","client_secret":"old-old-old-old-old"}"#)
+        .send()
+        .await
+        .unwrap();
+    let mut t = aws_target(c, &json_name);
+    t.key = Some("client_secret".into());
+    let store = aws_store(&t);
+    store.write(&new, "20261125-120001-abcdef02").await.unwrap();
+    let got: Value = serde_json::from_str(
+        &aws.get_secret_value()
+            .secret_id(&json_name)
+            .version_stage("AWSCURRENT")
+            .send()
+            .await
+            .unwrap()
+            .secret_string
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        got,
+        json!({"client_id": "ai", "client_secret": new.expose()})
+    );
+
+    let err = aws_store(&aws_target(c, "does-not-exist"))
+        .preflight()
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, "AwsSecretNotFound");
+}
+
+/// SecretStore `aws` (ESO's AWS provider, which the harness points at moto).
+async fn aws_secret_store(client: &Client, ns: &str) {
+    put_secret(
+        client,
+        ns,
+        "aws-creds",
+        json!({"AWS_ACCESS_KEY_ID": AWS_KEY, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}),
+    )
+    .await;
+    let store: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore", "metadata": {"name": "aws"},
+        "spec": {"provider": {"aws": {"service": "SecretsManager", "region": "us-east-1", "auth": {"secretRef": {
+            "accessKeyIDSecretRef": {"name": "aws-creds", "key": "AWS_ACCESS_KEY_ID"},
+            "secretAccessKeySecretRef": {"name": "aws-creds", "key": "AWS_SECRET_ACCESS_KEY"}}}}}}
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("SecretStore"))
+        .create(&PostParams::default(), &store)
+        .await
+        .unwrap();
+}
+
+/// SecretStore `ibm` (ESO's IBM provider). ESO v0.16.2 ignores an IAM URL for
+/// API-key auth, so ESO authenticates with containerAuth (a trusted-profile
+/// compute-resource token read from a file), whose `iamEndpoint` it honours.
+async fn ibm_secret_store(c: &Cluster, client: &Client, ns: &str, emu: &IbmEmulator) {
+    let token = common::canary("cr-token");
+    emu.add_cr_token(&token);
+    let path = c.dir.join(format!("ibm-cr-token-{ns}"));
+    std::fs::write(&path, &token).unwrap();
+    let store: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore", "metadata": {"name": "ibm"},
+        "spec": {"provider": {"ibm": {"serviceUrl": emu.url, "auth": {"containerAuth": {
+            "profile": "rekey-eso", "tokenLocation": path.display().to_string(), "iamEndpoint": emu.url}}}}}
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("SecretStore"))
+        .create(&PostParams::default(), &store)
+        .await
+        .unwrap();
+}
+
+async fn external_secret_from(client: &Client, ns: &str, name: &str, store: &str, remote: Value) {
+    let es: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret", "metadata": {"name": name},
+        "spec": {"refreshInterval": "1h", "secretStoreRef": {"kind": "SecretStore", "name": store},
+            "target": {"name": name}, "data": [{"secretKey": "client_secret", "remoteRef": remote}]}
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("ExternalSecret"))
+        .create(&PostParams::default(), &es)
+        .await
+        .unwrap();
+}
+
+async fn wait_synced(client: &Client, ns: &str, es: &str, value: &str) {
+    common::wait_for(
+        &format!("{es} holds the value"),
+        Duration::from_secs(60),
+        || async { read_key(client, ns, es, "client_secret").await.as_deref() == Some(value) },
+    )
+    .await;
+}
+
+/// dev-stage in IBM Secrets Manager, prod in AWS Secrets Manager; each read by
+/// ESO into its own Secret, consumed by its own Deployment.
+struct MultiScene {
+    emu: IbmEmulator,
+    ibm_id: String,
+    aws_name: String,
+    aws: Aws,
+}
+
+async fn multi_scene(
+    c: &Cluster,
+    client: &Client,
+    ns: &str,
+    dev_old: &str,
+    prod_old: &str,
+) -> MultiScene {
+    install_crd(c);
+    let emu = IbmEmulator::start().await;
+    let api_key = common::canary("ibm-api-key");
+    emu.add_api_key(&api_key);
+    put_secret(client, ns, "ibm-api-key", json!({"apikey": api_key})).await;
+    let ibm_id = emu.create_secret("ai-component-dev-stage", "arbitrary", json!(dev_old));
+    let aws = aws_client(c);
+    let aws_name = format!("{ns}/ai-component");
+    aws.create_secret()
+        .name(&aws_name)
+        .secret_string(prod_old)
+        .send()
+        .await
+        .unwrap();
+    ibm_secret_store(c, client, ns, &emu).await;
+    aws_secret_store(client, ns).await;
+    external_secret_from(client, ns, "dev-creds", "ibm", json!({"key": ibm_id})).await;
+    external_secret_from(client, ns, "prod-creds", "aws", json!({"key": aws_name})).await;
+    wait_synced(client, ns, "dev-creds", dev_old).await;
+    wait_synced(client, ns, "prod-creds", prod_old).await;
+    deployment(client, ns, "dev-app", 1, "dev-creds").await;
+    deployment(client, ns, "prod-app", 2, "prod-creds").await;
+    common::wait_for("apps available", LONG, || async {
+        deployment_available(client, ns, "dev-app").await
+            && deployment_available(client, ns, "prod-app").await
+    })
+    .await;
+    MultiScene {
+        emu,
+        ibm_id,
+        aws_name,
+        aws,
+    }
+}
+
+fn multi_spec(c: &Cluster, s: &MultiScene, credential: Value) -> Value {
+    json!({
+        "credential": credential,
+        "oldValueValidFor": "30m",
+        "targets": [
+            {"name": "prod", "awsSecretsManager": {"region": "us-east-1", "secretId": s.aws_name,
+                "credentialsSecretRef": {"name": "aws-creds"}, "endpoint": c.moto_url}},
+            {"name": "dev-stage", "ibmSecretsManager": {"serviceUrl": s.emu.url, "secretId": s.ibm_id, "iamUrl": s.emu.url,
+                "apiKeySecretRef": {"name": "ibm-api-key", "key": "apikey"}}}
+        ],
+        "proof": {
+            "externalSecrets": [{"name": "dev-creds", "key": "client_secret"}, {"name": "prod-creds", "key": "client_secret"}],
+            "workloads": [{"kind": "Deployment", "name": "dev-app"}, {"kind": "Deployment", "name": "prod-app"}],
+            "timeout": "60s"
+        },
+        "onFailure": "Rollback"
+    })
+}
+
+#[tokio::test]
+async fn ibm_and_aws_targets_rotate_together_through_eso() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "multi").await;
+    let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
+    let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
+    let op = Operator::start(c, &ns);
+    create_rotation(
+        &client,
+        &ns,
+        "ai-component",
+        multi_spec(c, &s, json!({"generated": {}})),
+    )
+    .await;
+    let sr = wait_phase(&client, &ns, "ai-component", Phase::Succeeded, LONG).await;
+
+    let new = read_key(&client, &ns, "dev-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_ne!(new, dev_old);
+    assert_eq!(
+        read_key(&client, &ns, "prod-creds", "client_secret")
+            .await
+            .unwrap(),
+        new,
+        "both ESO syncs deliver the new value"
+    );
+    // Status shows each target's version id, as the stores know them.
+    let last = sr.status.unwrap().last_rotation.unwrap();
+    let version = |t: &str| {
+        last.targets
+            .iter()
+            .find(|x| x.name == t)
+            .unwrap()
+            .version
+            .clone()
+    };
+    assert_eq!(
+        version("dev-stage"),
+        s.emu.secret(&s.ibm_id).versions.last().unwrap().id
+    );
+    assert_eq!(
+        Some(version("prod")),
+        holding(&aws_stages(&s.aws, &s.aws_name).await, "AWSCURRENT")
+    );
+    assert_eq!(s.emu.secret(&s.ibm_id).versions.len(), 2, "one IBM version");
+    assert_eq!(
+        aws_stages(&s.aws, &s.aws_name).await.len(),
+        2,
+        "one AWS version"
+    );
+    assert_eq!(revisions(&client, &ns, "dev-app").await, 2);
+    assert_eq!(revisions(&client, &ns, "prod-app").await, 2);
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&dev_old, &prod_old, &new],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_target_that_cannot_be_written_fails_the_rotation_and_rolls_back_the_other() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "multifail").await;
+    let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
+    let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
+    // dev-stage has two versions, the previous one locked: writing answers 412.
+    s.emu
+        .state
+        .lock()
+        .unwrap()
+        .secrets
+        .get_mut(&s.ibm_id)
+        .unwrap()
+        .versions
+        .insert(
+            0,
+            common::ibm::Version {
+                id: "0d1e2f3a-0000-4000-a000-000000000001".into(),
+                created_at: "2026-01-01T00:00:00Z".into(),
+                payload: Some(json!("older-value-0000000")),
+                custom_metadata: json!({}),
+                locks: vec!["audit-hold".into()],
+            },
+        );
+    let (url, log) = webhook(&client, &ns).await;
+    let op = Operator::start(c, &ns);
+    let spec = multi_spec(
+        c,
+        &s,
+        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
+    );
+    create_rotation(&client, &ns, "ai-component", spec).await;
+    let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;
+
+    let last = sr.status.unwrap().last_rotation.unwrap();
+    let failure = last.failure.clone().unwrap();
+    assert_eq!(
+        (failure.reason.as_str(), failure.phase),
+        ("IbmSecretLocked", Phase::Writing)
+    );
+    assert!(failure.message.contains("dev-stage"), "{}", failure.message);
+    assert!(last.rolled_back);
+    assert_eq!(
+        *log.lock().unwrap(),
+        0,
+        "the old value was never invalidated"
+    );
+    // prod was written first, then rolled back: AWSCURRENT holds the old value again.
+    let got = s
+        .aws
+        .get_secret_value()
+        .secret_id(&s.aws_name)
+        .version_stage("AWSCURRENT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.secret_string.as_deref(), Some(prod_old.as_str()));
+    assert_eq!(
+        read_key(&client, &ns, "prod-creds", "client_secret")
+            .await
+            .as_deref(),
+        Some(prod_old.as_str())
+    );
+    assert_eq!(
+        s.emu.secret(&s.ibm_id).versions.len(),
+        2,
+        "no IBM version was created"
+    );
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&dev_old, &prod_old],
+    )
+    .await;
+}
+
+/// A webhook source that counts invalidate calls.
+async fn webhook(_client: &Client, _ns: &str) -> (String, std::sync::Arc<std::sync::Mutex<usize>>) {
+    use axum::routing::post;
+    let invalidated = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+    let value = common::canary("webhook-new");
+    let counter = invalidated.clone();
+    let app = axum::Router::new()
+        .route(
+            "/issue",
+            post(move || async move { axum::Json(json!({"value": value})) }),
+        )
+        .route(
+            "/invalidate",
+            post(move || async move {
+                *counter.lock().unwrap() += 1;
+                "ok"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, invalidated)
+}
