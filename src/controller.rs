@@ -448,9 +448,15 @@ impl Reconciler {
                     previous.insert(target.name.clone(), v);
                 }
             }
-            let new = source::for_rotation(&self.sr, &self.ctx)?
-                .issue(&id)
-                .await?;
+            let source = source::for_rotation(&self.sr, &self.ctx)?;
+            if self.rotation().issue_marker.is_none() {
+                // Recorded before the side effect: a retry knows what it saw.
+                let marker = source.prepare_issue().await?;
+                self.rotation_mut().issue_marker = Some(marker);
+                self.write_status().await?;
+            }
+            let marker = self.rotation().issue_marker.clone().unwrap_or_default();
+            let new = source.issue(&id, &marker).await?;
             if previous.values().any(|p| p.same_as(&new)) {
                 return Err(Error::permanent(
                     "NewValueNotNew",

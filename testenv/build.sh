@@ -39,7 +39,7 @@ component() {
     rm -rf "$dir.partial"
     mkdir -p "$dir.partial/bin"
     local start=$SECONDS
-    "$fn" "$dir.partial"
+    "$fn" "$dir.partial" >&2
     touch "$dir.partial/.complete"
     rm -rf "$dir"
     mv "$dir.partial" "$dir"
@@ -108,8 +108,17 @@ build_moto() {
   chmod +x "$out/bin/moto_server"
 }
 
+# Keycloak's server distribution from Maven Central, unpacked. It runs on the
+# JDK >= 21 that testenv/java21.sh finds (written to testenv.env).
+build_keycloak() {
+  local out="$1"
+  mvn -q -B dependency:copy "-Dartifact=org.keycloak:keycloak-quarkus-dist:${KEYCLOAK_VERSION}:zip" "-DoutputDirectory=$out"
+  (cd "$out" && unzip -q "keycloak-quarkus-dist-${KEYCLOAK_VERSION}.zip" && rm "keycloak-quarkus-dist-${KEYCLOAK_VERSION}.zip" \
+    && mv "keycloak-${KEYCLOAK_VERSION}" keycloak)
+}
+
 want=("$@")
-[[ ${#want[@]} -gt 0 ]] || want=(kube kwok-stages eso moto)
+[[ ${#want[@]} -gt 0 ]] || want=(kube kwok-stages eso moto keycloak)
 
 mkdir -p "$cache_root" "$repo/target"
 envfile="$repo/target/testenv.env"
@@ -120,6 +129,7 @@ for c in "${want[@]}"; do
     kwok-stages) dirs[kwok-stages]="$(component kwok-stages "$(key "$KWOK_VERSION" "$(declare -f build_kwok_stages)")" build_kwok_stages)" ;;
     eso)  dirs[eso]="$(component eso "$(key "$ESO_VERSION" "$here/eso/go.mod" "$here/eso/go.sum" "$(declare -f build_eso)")" build_eso)" ;;
     moto) dirs[moto]="$(component moto "$(key "$MOTO_VERSION" "$(declare -f build_moto)")" build_moto)" ;;
+    keycloak) dirs[keycloak]="$(component keycloak "$(key "$KEYCLOAK_VERSION" "$(declare -f build_keycloak)")" build_keycloak)" ;;
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
 done
@@ -130,6 +140,8 @@ done
   [[ -n "${dirs[kwok-stages]:-}" ]] && echo "REKEY_KWOK_STAGES=${dirs[kwok-stages]}/kwok-stages.yaml"
   [[ -n "${dirs[eso]:-}" ]] && echo "REKEY_ESO_BIN=${dirs[eso]}/bin/external-secrets" && echo "REKEY_ESO_CRDS=${dirs[eso]}/crds/bundle.yaml"
   [[ -n "${dirs[moto]:-}" ]] && echo "REKEY_MOTO_SERVER=${dirs[moto]}/bin/moto_server"
+  [[ -n "${dirs[keycloak]:-}" ]] && echo "REKEY_KEYCLOAK_HOME=${dirs[keycloak]}/keycloak" \
+    && echo "REKEY_JAVA_HOME=$("$here/java21.sh")"
   echo "REKEY_K8S_VERSION=${K8S_VERSION}"
 } > "$envfile"
 log "environment ready: $envfile"

@@ -47,7 +47,7 @@ impl CredentialSource for Manual {
         Ok(())
     }
 
-    async fn issue(&self, _rotation_id: &str) -> Result<SecretValue> {
+    async fn issue(&self, _rotation_id: &str, _marker: &str) -> Result<SecretValue> {
         read_secret_key(&self.ctx, &self.namespace, &self.name, &self.key).await
     }
 

@@ -1,6 +1,7 @@
 //! Credential sources: where new values come from and where old ones die.
 
 pub mod generated;
+pub mod keycloak;
 pub mod manual;
 pub mod webhook;
 
@@ -40,8 +41,15 @@ pub enum Invalidation {
 pub trait CredentialSource: Send + Sync {
     /// Checks everything that can be checked without changing anything.
     async fn preflight(&self, current: Option<&SecretValue>) -> Result<()>;
+    /// Called once per rotation before the first `issue`. What it returns is
+    /// recorded in status before `issue` runs and handed to every `issue`
+    /// call of the rotation, so a source whose issue call carries no
+    /// idempotency key can tell a retry from a first attempt.
+    async fn prepare_issue(&self) -> Result<String> {
+        Ok(String::new())
+    }
     /// Obtains the new value.
-    async fn issue(&self, rotation_id: &str) -> Result<SecretValue>;
+    async fn issue(&self, rotation_id: &str, marker: &str) -> Result<SecretValue>;
     /// Proves the new value works, where the provider allows it.
     async fn verify(&self, _value: &SecretValue) -> Result<()> {
         Ok(())
@@ -67,6 +75,9 @@ pub fn for_rotation(sr: &SecretRotation, ctx: &Context) -> Result<Box<dyn Creden
     }
     if let Some(m) = &c.manual {
         return Ok(Box::new(manual::Manual::new(m, ctx, &ns)));
+    }
+    if let Some(k) = &c.keycloak {
+        return Ok(Box::new(keycloak::Keycloak::new(k, ctx, &ns, &sr.spec.old_value_valid_for)));
     }
     Err(Error::permanent("InvalidSpec", "credential sets no source"))
 }

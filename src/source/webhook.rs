@@ -91,7 +91,7 @@ impl CredentialSource for Webhook {
         Ok(())
     }
 
-    async fn issue(&self, rotation_id: &str) -> Result<SecretValue> {
+    async fn issue(&self, rotation_id: &str, _marker: &str) -> Result<SecretValue> {
         let resp = self
             .post(&self.spec.issue_url, "issue", rotation_id)
             .await?;
