@@ -43,7 +43,12 @@ pub struct Keycloak {
 }
 
 impl Keycloak {
-    pub fn new(spec: &KeycloakSource, ctx: &Context, namespace: &str, old_value_valid_for: &str) -> Self {
+    pub fn new(
+        spec: &KeycloakSource,
+        ctx: &Context,
+        namespace: &str,
+        old_value_valid_for: &str,
+    ) -> Self {
         Self {
             ctx: ctx.clone(),
             spec: spec.clone(),
@@ -57,7 +62,12 @@ impl Keycloak {
     }
 
     fn observe(&self, call: &str, started: Instant, ok: bool) {
-        self.ctx.metrics.provider_call(PROVIDER, call, if ok { "success" } else { "error" }, started.elapsed());
+        self.ctx.metrics.provider_call(
+            PROVIDER,
+            call,
+            if ok { "success" } else { "error" },
+            started.elapsed(),
+        );
     }
 
     /// An admin access token, from the referenced Secret: `username` and
@@ -65,53 +75,71 @@ impl Keycloak {
     async fn admin_token(&self) -> Result<SecretValue> {
         let name = &self.spec.admin_secret_ref.name;
         let ns = &self.namespace;
-        let form: Vec<(&str, String)> = match read_secret_key(&self.ctx, ns, name, "clientSecret").await {
-            Ok(secret) => {
-                let id = read_secret_key(&self.ctx, ns, name, "clientId").await?;
-                vec![
-                    ("grant_type", "client_credentials".into()),
-                    ("client_id", id.expose().into()),
-                    ("client_secret", secret.expose().into()),
-                ]
-            }
-            Err(_) => {
-                let user = read_secret_key(&self.ctx, ns, name, "username").await?;
-                let password = read_secret_key(&self.ctx, ns, name, "password").await?;
-                vec![
-                    ("grant_type", "password".into()),
-                    ("client_id", "admin-cli".into()),
-                    ("username", user.expose().into()),
-                    ("password", password.expose().into()),
-                ]
-            }
-        };
+        let form: Vec<(&str, String)> =
+            match read_secret_key(&self.ctx, ns, name, "clientSecret").await {
+                Ok(secret) => {
+                    let id = read_secret_key(&self.ctx, ns, name, "clientId").await?;
+                    vec![
+                        ("grant_type", "client_credentials".into()),
+                        ("client_id", id.expose().into()),
+                        ("client_secret", secret.expose().into()),
+                    ]
+                }
+                Err(_) => {
+                    let user = read_secret_key(&self.ctx, ns, name, "username").await?;
+                    let password = read_secret_key(&self.ctx, ns, name, "password").await?;
+                    vec![
+                        ("grant_type", "password".into()),
+                        ("client_id", "admin-cli".into()),
+                        ("username", user.expose().into()),
+                        ("password", password.expose().into()),
+                    ]
+                }
+            };
         let realm = self.spec.admin_realm.as_deref().unwrap_or("master");
         let started = Instant::now();
         let resp = self
             .ctx
             .http
-            .post(format!("{}/realms/{realm}/protocol/openid-connect/token", self.base()))
+            .post(format!(
+                "{}/realms/{realm}/protocol/openid-connect/token",
+                self.base()
+            ))
             .form(&form)
             .send()
             .await;
-        self.observe("admin_token", started, resp.as_ref().is_ok_and(|r| r.status().is_success()));
-        let resp = resp.map_err(|e| Error::http("KeycloakUnreachable", "Keycloak admin token request", &e))?;
+        self.observe(
+            "admin_token",
+            started,
+            resp.as_ref().is_ok_and(|r| r.status().is_success()),
+        );
+        let resp = resp
+            .map_err(|e| Error::http("KeycloakUnreachable", "Keycloak admin token request", &e))?;
         match resp.status() {
             s if s.is_success() => {}
             s if s.is_client_error() => {
                 return Err(Error::permanent(
                     "KeycloakCredentialsRejected",
-                    format!("Keycloak refused the admin credentials of Secret {name} (HTTP {})", s.as_u16()),
+                    format!(
+                        "Keycloak refused the admin credentials of Secret {name} (HTTP {})",
+                        s.as_u16()
+                    ),
                 ));
             }
-            s => return Err(Error::transient("KeycloakError", format!("Keycloak admin token: HTTP {}", s.as_u16()))),
+            s => {
+                return Err(Error::transient(
+                    "KeycloakError",
+                    format!("Keycloak admin token: HTTP {}", s.as_u16()),
+                ));
+            }
         }
         #[derive(serde::Deserialize)]
         struct Token {
             access_token: String,
         }
-        let t: Token =
-            resp.json().await.map_err(|_| Error::transient("KeycloakError", "Keycloak admin token: no access_token"))?;
+        let t: Token = resp.json().await.map_err(|_| {
+            Error::transient("KeycloakError", "Keycloak admin token: no access_token")
+        })?;
         Ok(SecretValue::new(t.access_token))
     }
 
@@ -122,43 +150,77 @@ impl Keycloak {
         let resp = self
             .ctx
             .http
-            .request(method, format!("{}/admin/realms/{}{path}", self.base(), self.spec.realm))
+            .request(
+                method,
+                format!("{}/admin/realms/{}{path}", self.base(), self.spec.realm),
+            )
             .bearer_auth(token.expose())
             .header("Accept", "application/json")
             .send()
             .await;
-        self.observe(call, started, resp.as_ref().is_ok_and(|r| r.status().is_success()));
-        let resp = resp.map_err(|e| Error::http("KeycloakUnreachable", &format!("Keycloak {call}"), &e))?;
+        self.observe(
+            call,
+            started,
+            resp.as_ref().is_ok_and(|r| r.status().is_success()),
+        );
+        let resp =
+            resp.map_err(|e| Error::http("KeycloakUnreachable", &format!("Keycloak {call}"), &e))?;
         let status = resp.status();
         if !status.is_success() {
-            let message = format!("Keycloak {call} in realm {}: HTTP {}", self.spec.realm, status.as_u16());
+            let message = format!(
+                "Keycloak {call} in realm {}: HTTP {}",
+                self.spec.realm,
+                status.as_u16()
+            );
             return Err(match status {
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::permanent("KeycloakCredentialsRejected", message),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    Error::permanent("KeycloakCredentialsRejected", message)
+                }
                 StatusCode::NOT_FOUND => Error::permanent("KeycloakNotFound", message),
-                s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => Error::transient("KeycloakError", message),
+                s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                    Error::transient("KeycloakError", message)
+                }
                 _ => Error::permanent("KeycloakRejected", message),
             });
         }
-        let text = resp.text().await.map_err(|e| Error::http("KeycloakError", &format!("Keycloak {call}"), &e))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Error::http("KeycloakError", &format!("Keycloak {call}"), &e))?;
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&text).map_err(|_| Error::transient("KeycloakError", format!("Keycloak {call}: response is not JSON")))
+        serde_json::from_str(&text).map_err(|_| {
+            Error::transient(
+                "KeycloakError",
+                format!("Keycloak {call}: response is not JSON"),
+            )
+        })
     }
 
     /// The client's internal id and representation.
     async fn client(&self) -> Result<(String, Value)> {
         let list = self
-            .admin(Method::GET, &format!("/clients?clientId={}", urlencode(&self.spec.client_id)), "find_client")
+            .admin(
+                Method::GET,
+                &format!("/clients?clientId={}", urlencode(&self.spec.client_id)),
+                "find_client",
+            )
             .await?;
         let client = list
             .as_array()
-            .and_then(|a| a.iter().find(|c| c["clientId"].as_str() == Some(self.spec.client_id.as_str())))
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c["clientId"].as_str() == Some(self.spec.client_id.as_str()))
+            })
             .cloned()
             .ok_or_else(|| {
                 Error::permanent(
                     "KeycloakClientNotFound",
-                    format!("client {} not found in realm {}", self.spec.client_id, self.spec.realm),
+                    format!(
+                        "client {} not found in realm {}",
+                        self.spec.client_id, self.spec.realm
+                    ),
                 )
             })?;
         let id = client["id"].as_str().unwrap_or_default().to_string();
@@ -168,16 +230,31 @@ impl Keycloak {
     /// The creation times of the current and the rotated secret: changes when
     /// (and only when) the secret is regenerated.
     fn marker_of(client: &Value) -> String {
-        let attr = |k: &str| client["attributes"][k].as_str().unwrap_or("none").to_string();
+        let attr = |k: &str| {
+            client["attributes"][k]
+                .as_str()
+                .unwrap_or("none")
+                .to_string()
+        };
         format!("{}/{}", attr(CREATION_TIME), attr(ROTATED_CREATION_TIME))
     }
 
     /// Seconds the rotated (old) secret stays valid under the policies that
     /// apply to `client`; None when no secret-rotation policy applies.
     async fn rotated_lifetime(&self, client: &Value) -> Result<Option<u64>> {
-        let policies = self.admin(Method::GET, "/client-policies/policies", "get_client_policies").await?;
+        let policies = self
+            .admin(
+                Method::GET,
+                "/client-policies/policies",
+                "get_client_policies",
+            )
+            .await?;
         let profiles = self
-            .admin(Method::GET, "/client-policies/profiles?include-global-profiles=true", "get_client_profiles")
+            .admin(
+                Method::GET,
+                "/client-policies/profiles?include-global-profiles=true",
+                "get_client_profiles",
+            )
             .await?;
         let all_profiles: Vec<&Value> = ["profiles", "globalProfiles"]
             .iter()
@@ -188,14 +265,26 @@ impl Keycloak {
             if policy["enabled"].as_bool() == Some(false) || !policy_applies(policy, client) {
                 continue;
             }
-            for name in policy["profiles"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-                let Some(profile) = all_profiles.iter().find(|p| p["name"].as_str() == Some(name)) else { continue };
+            for name in policy["profiles"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let Some(profile) = all_profiles
+                    .iter()
+                    .find(|p| p["name"].as_str() == Some(name))
+                else {
+                    continue;
+                };
                 for ex in profile["executors"].as_array().into_iter().flatten() {
                     if ex["executor"].as_str() != Some("secret-rotation") {
                         continue;
                     }
                     let period = &ex["configuration"]["rotated-expiration-period"];
-                    let secs = period.as_u64().or_else(|| period.as_str().and_then(|s| s.parse().ok()));
+                    let secs = period
+                        .as_u64()
+                        .or_else(|| period.as_str().and_then(|s| s.parse().ok()));
                     if let Some(secs) = secs {
                         best = Some(best.map_or(secs, |b| b.max(secs)));
                     }
@@ -228,7 +317,9 @@ fn policy_applies(policy: &Value, client: &Value) -> bool {
                     "confidential"
                 };
                 let types = &c["configuration"]["type"];
-                types.as_array().is_some_and(|t| t.iter().any(|x| x.as_str() == Some(access)))
+                types
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|x| x.as_str() == Some(access)))
                     || types.as_str() == Some(access)
             }
             _ => false,
@@ -238,7 +329,9 @@ fn policy_applies(policy: &Value, client: &Value) -> bool {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -249,15 +342,23 @@ impl CredentialSource for Keycloak {
     async fn preflight(&self, _current: Option<&SecretValue>) -> Result<()> {
         let (_, client) = self.client().await?;
         if client["publicClient"].as_bool() == Some(true) {
-            return Err(Error::permanent("KeycloakClientNotConfidential", format!("client {} is public: it has no secret", self.spec.client_id)));
+            return Err(Error::permanent(
+                "KeycloakClientNotConfidential",
+                format!("client {} is public: it has no secret", self.spec.client_id),
+            ));
         }
         if client["serviceAccountsEnabled"].as_bool() != Some(true) {
             return Err(Error::permanent(
                 "KeycloakCannotVerify",
-                format!("client {} has no service account: rekey could not prove the new secret with a token request", self.spec.client_id),
+                format!(
+                    "client {} has no service account: rekey could not prove the new secret with a token request",
+                    self.spec.client_id
+                ),
             ));
         }
-        let window = duration::parse(&self.old_value_valid_for).unwrap_or_default().as_secs();
+        let window = duration::parse(&self.old_value_valid_for)
+            .unwrap_or_default()
+            .as_secs();
         match self.rotated_lifetime(&client).await? {
             Some(secs) if secs >= window => Ok(()),
             Some(secs) => Err(Error::permanent(
@@ -291,7 +392,8 @@ impl CredentialSource for Keycloak {
             // record the value): read it back, never regenerate twice.
             self.admin(Method::GET, &path, "read_client_secret").await?
         } else {
-            self.admin(Method::POST, &path, "regenerate_client_secret").await?
+            self.admin(Method::POST, &path, "regenerate_client_secret")
+                .await?
         };
         secret["value"]
             .as_str()
@@ -305,25 +407,55 @@ impl CredentialSource for Keycloak {
         let resp = self
             .ctx
             .http
-            .post(format!("{}/realms/{}/protocol/openid-connect/token", self.base(), self.spec.realm))
-            .form(&[("grant_type", "client_credentials"), ("client_id", &self.spec.client_id), ("client_secret", value.expose())])
+            .post(format!(
+                "{}/realms/{}/protocol/openid-connect/token",
+                self.base(),
+                self.spec.realm
+            ))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", &self.spec.client_id),
+                ("client_secret", value.expose()),
+            ])
             .send()
             .await;
-        self.observe("verify_token", started, resp.as_ref().is_ok_and(|r| r.status().is_success()));
-        let resp = resp.map_err(|e| Error::http("KeycloakUnreachable", "Keycloak token request with the new secret", &e))?;
+        self.observe(
+            "verify_token",
+            started,
+            resp.as_ref().is_ok_and(|r| r.status().is_success()),
+        );
+        let resp = resp.map_err(|e| {
+            Error::http(
+                "KeycloakUnreachable",
+                "Keycloak token request with the new secret",
+                &e,
+            )
+        })?;
         if resp.status().is_success() {
             Ok(())
         } else {
             Err(Error::permanent(
                 "NewValueRejected",
-                format!("Keycloak refused a token request with the new secret (HTTP {})", resp.status().as_u16()),
+                format!(
+                    "Keycloak refused a token request with the new secret (HTTP {})",
+                    resp.status().as_u16()
+                ),
             ))
         }
     }
 
-    async fn invalidate(&self, _rotation_id: &str, _annotations: &BTreeMap<String, String>) -> Result<Invalidation> {
+    async fn invalidate(
+        &self,
+        _rotation_id: &str,
+        _annotations: &BTreeMap<String, String>,
+    ) -> Result<Invalidation> {
         let (id, _) = self.client().await?;
-        self.admin(Method::DELETE, &format!("/clients/{id}/client-secret/rotated"), "delete_rotated_secret").await?;
+        self.admin(
+            Method::DELETE,
+            &format!("/clients/{id}/client-secret/rotated"),
+            "delete_rotated_secret",
+        )
+        .await?;
         Ok(Invalidation::Done)
     }
 }

@@ -77,7 +77,12 @@ pub fn for_rotation(sr: &SecretRotation, ctx: &Context) -> Result<Box<dyn Creden
         return Ok(Box::new(manual::Manual::new(m, ctx, &ns)));
     }
     if let Some(k) = &c.keycloak {
-        return Ok(Box::new(keycloak::Keycloak::new(k, ctx, &ns, &sr.spec.old_value_valid_for)));
+        return Ok(Box::new(keycloak::Keycloak::new(
+            k,
+            ctx,
+            &ns,
+            &sr.spec.old_value_valid_for,
+        )));
     }
     Err(Error::permanent("InvalidSpec", "credential sets no source"))
 }

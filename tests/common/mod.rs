@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod fixtures;
 pub mod ibm;
+pub mod keycloak;
 pub mod operator;
 
 use std::future::Future;

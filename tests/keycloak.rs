@@ -1,0 +1,241 @@
+//! Keycloak as a real identity provider: the old client secret stays valid
+//! until every proof is in, and dies right after — proven with real token
+//! requests against a real Keycloak, real ESO and real rollouts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fixtures::*;
+use common::keycloak::keycloak;
+use common::operator::Operator;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ResourceQuota;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rekey::crd::{KeycloakSource, LocalSecretRef, Phase};
+use rekey::source::CredentialSource;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(180);
+
+fn keycloak_spec(url: &str, realm: &str) -> Value {
+    let mut spec = rotation_spec(json!({"keycloak": {
+        "url": url, "realm": realm, "clientId": "ai-component", "adminSecretRef": {"name": "keycloak-admin"}
+    }}));
+    spec["proof"]["timeout"] = json!("90s");
+    spec
+}
+
+async fn admin_secret(client: &kube::Client, ns: &str, kc: &common::keycloak::KeycloakServer) {
+    put_secret(
+        client,
+        ns,
+        "keycloak-admin",
+        json!({"username": kc.admin_user, "password": kc.admin_password}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn old_secret_works_until_proof_and_dies_after() {
+    let test_start = Instant::now();
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "keycloak").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (_, old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "before the rotation the old secret gets a token"
+    );
+    scene(c, &client, &ns, &old).await;
+    admin_secret(&client, &ns, kc).await;
+    let op = Operator::start(c, &ns);
+    // Await: another restarter (here: the test) restarts the app, which holds
+    // the rotation in AwaitingRollout: the zero-downtime window to observe.
+    let mut spec = keycloak_spec(&kc.url, &realm);
+    spec["proof"]["restart"] = json!("Await");
+    create_rotation(&client, &ns, "ai-component", spec).await;
+    wait_phase(&client, &ns, "ai-component", Phase::AwaitingRollout, LONG).await;
+
+    let new = read_key(&client, &ns, "app-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_ne!(new, old);
+    assert!(
+        kc.token_ok(&realm, "ai-component", &new).await,
+        "after Issuing the new secret gets a token"
+    );
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "before Invalidating the old secret still gets a token"
+    );
+
+    let patch =
+        json!({"spec": {"template": {"metadata": {"annotations": {"restarted-by": "test"}}}}});
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let sr = wait_phase(&client, &ns, "ai-component", Phase::Succeeded, LONG).await;
+    assert!(
+        kc.token_ok(&realm, "ai-component", &new).await,
+        "after Succeeded the new secret gets a token"
+    );
+    assert!(
+        !kc.token_ok(&realm, "ai-component", &old).await,
+        "after Succeeded the old secret is refused"
+    );
+    let phases: Vec<Phase> = sr
+        .status
+        .unwrap()
+        .last_rotation
+        .unwrap()
+        .phases
+        .iter()
+        .map(|p| p.phase)
+        .collect();
+    assert!(phases.contains(&Phase::Verifying));
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&old, &new, &kc.admin_password],
+    )
+    .await;
+    eprintln!(
+        "Keycloak start-up {:.1}s; end-to-end test {:.1}s",
+        kc.startup.as_secs_f64(),
+        test_start.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn a_rollout_that_never_completes_leaves_the_old_secret_valid() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kcfail").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (_, old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    scene(c, &client, &ns, &old).await;
+    admin_secret(&client, &ns, kc).await;
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}}),
+    )
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    let _op = Operator::start(c, &ns);
+    let mut spec = keycloak_spec(&kc.url, &realm);
+    spec["proof"]["timeout"] = json!("20s");
+    create_rotation(&client, &ns, "ai-component", spec).await;
+    let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;
+    assert_eq!(
+        sr.status
+            .unwrap()
+            .last_rotation
+            .unwrap()
+            .failure
+            .unwrap()
+            .reason,
+        "RolloutTimeout"
+    );
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "the old secret still gets a token after the failure"
+    );
+}
+
+#[tokio::test]
+async fn preflight_refuses_a_client_without_a_rotation_policy() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kcnopolicy").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (_, old) = kc.realm_with_client(&realm, "ai-component", None).await;
+    scene(c, &client, &ns, &old).await;
+    admin_secret(&client, &ns, kc).await;
+    let _op = Operator::start(c, &ns);
+    create_rotation(&client, &ns, "ai-component", keycloak_spec(&kc.url, &realm)).await;
+    let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;
+    let failure = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(
+        (failure.reason.as_str(), failure.phase),
+        ("KeycloakRotationPolicyMissing", Phase::Preflight)
+    );
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "nothing was regenerated"
+    );
+}
+
+/// A crash right after Keycloak regenerated the secret, before rekey stored
+/// it: the retry reads the new secret back instead of regenerating again.
+#[tokio::test]
+async fn a_retried_issue_reads_the_secret_back_instead_of_regenerating() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kcretry").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (id, old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    admin_secret(&client, &ns, kc).await;
+    let ctx = rekey::controller::Context::new(
+        client.clone(),
+        rekey::metrics::Metrics::new(),
+        Duration::from_secs(1),
+    );
+    let spec = KeycloakSource {
+        url: kc.url.clone(),
+        realm: realm.clone(),
+        client_id: "ai-component".into(),
+        admin_secret_ref: LocalSecretRef {
+            name: "keycloak-admin".into(),
+        },
+        admin_realm: None,
+        allow_immediate_invalidation: false,
+    };
+    let source = rekey::source::keycloak::Keycloak::new(&spec, &ctx, &ns, "30m");
+    source.preflight(None).await.unwrap();
+    let marker = source.prepare_issue().await.unwrap();
+    let first = source.issue("rot-1", &marker).await.unwrap();
+    let again = source.issue("rot-1", &marker).await.unwrap();
+    assert!(first.same_as(&again), "the retry returns the same secret");
+    let rotated = kc
+        .admin(
+            reqwest::Method::GET,
+            &format!("/{realm}/clients/{id}/client-secret/rotated"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        rotated["value"].as_str(),
+        Some(old.as_str()),
+        "the rotated slot still holds the original secret"
+    );
+    assert!(kc.token_ok(&realm, "ai-component", &old).await);
+    source.verify(&first).await.unwrap();
+    // Invalidation is idempotent.
+    source
+        .invalidate("rot-1", &Default::default())
+        .await
+        .unwrap();
+    source
+        .invalidate("rot-1", &Default::default())
+        .await
+        .unwrap();
+    assert!(!kc.token_ok(&realm, "ai-component", &old).await);
+    assert!(kc.token_ok(&realm, "ai-component", first.expose()).await);
+}
