@@ -32,6 +32,7 @@ integration: testenv
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml
+	cp crds/secretrotation.yaml charts/rekey/crds/secretrotation.yaml
 
 cluster: testenv ## start the environment in the background; writes .cluster/kubeconfig and .cluster/env
 	./scripts/cluster.sh up

@@ -34,6 +34,9 @@ enum Command {
         /// Log format: text or json.
         #[arg(long, env = "REKEY_LOG_FORMAT", default_value = "text")]
         log_format: String,
+        /// Enable leader election on a Lease in this namespace (for replicas > 1).
+        #[arg(long, env = "REKEY_LEADER_ELECTION_NAMESPACE")]
+        leader_election_namespace: Option<String>,
     },
 }
 
@@ -56,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
             namespaces,
             poll,
             log_format,
+            leader_election_namespace,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -71,8 +75,16 @@ async fn main() -> anyhow::Result<()> {
             let metrics = rekey::metrics::Metrics::new();
             let ctx = rekey::controller::Context::new(client, metrics.clone(), poll);
             tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
+            let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics));
+            if let Some(ns) = leader_election_namespace {
+                let identity = std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("rekey-{:08x}", rand::random::<u32>()));
+                rekey::leader::LeaderElection::new(ctx.client.clone(), &ns, &identity)
+                    .acquire_and_hold()
+                    .await;
+            }
             tokio::select! {
-                r = rekey::server::serve(metrics_addr, metrics) => r?,
+                r = serve => r??,
                 _ = rekey::controller::run(ctx, namespaces) => {},
             }
         }

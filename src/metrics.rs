@@ -50,6 +50,21 @@ pub struct CallKind {
     pub call: String,
 }
 
+/// Every metric family rekey exports (without the `rekey_` prefix and the
+/// `_total`/`_bucket` suffixes). Families without series yet (e.g.
+/// `grace_seconds_left` between rotations) are absent from a scrape.
+pub const FAMILIES: [&str; 9] = [
+    "rotations_started",
+    "rotations_finished",
+    "rotation_duration_seconds",
+    "phase_duration_seconds",
+    "rotation_phase",
+    "grace_seconds_left",
+    "provider_calls",
+    "provider_call_duration_seconds",
+    "reconcile_errors",
+];
+
 fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.5, 2.0, 16))
 }

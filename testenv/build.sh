@@ -5,7 +5,7 @@
 # Rust harness, `make cluster` and the demo. A second run finds everything
 # cached and takes seconds.
 #
-#   testenv/build.sh [component...]    default: all components
+#   testenv/build.sh
 #
 # Environment: REKEY_CACHE_DIR (default ~/.cache/rekey).
 set -euo pipefail
@@ -117,8 +117,13 @@ build_keycloak() {
     && mv "keycloak-${KEYCLOAK_VERSION}" keycloak)
 }
 
-want=("$@")
-[[ ${#want[@]} -gt 0 ]] || want=(kube kwok-stages eso moto keycloak)
+build_helm() {
+  local out="$1"
+  (cd "$here/helm" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
+    -o "$out/bin/helm" helm.sh/helm/v3/cmd/helm)
+}
+
+want=(kube kwok-stages eso moto keycloak helm)
 
 mkdir -p "$cache_root" "$repo/target"
 envfile="$repo/target/testenv.env"
@@ -130,6 +135,7 @@ for c in "${want[@]}"; do
     eso)  dirs[eso]="$(component eso "$(key "$ESO_VERSION" "$here/eso/go.mod" "$here/eso/go.sum" "$(declare -f build_eso)")" build_eso)" ;;
     moto) dirs[moto]="$(component moto "$(key "$MOTO_VERSION" "$(declare -f build_moto)")" build_moto)" ;;
     keycloak) dirs[keycloak]="$(component keycloak "$(key "$KEYCLOAK_VERSION" "$(declare -f build_keycloak)")" build_keycloak)" ;;
+    helm) dirs[helm]="$(component helm "$(key "$HELM_VERSION" "$here/helm/go.mod" "$here/helm/go.sum" "$(declare -f build_helm)")" build_helm)" ;;
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
 done
@@ -142,6 +148,7 @@ done
   [[ -n "${dirs[moto]:-}" ]] && echo "REKEY_MOTO_SERVER=${dirs[moto]}/bin/moto_server"
   [[ -n "${dirs[keycloak]:-}" ]] && echo "REKEY_KEYCLOAK_HOME=${dirs[keycloak]}/keycloak" \
     && echo "REKEY_JAVA_HOME=$("$here/java21.sh")"
+  [[ -n "${dirs[helm]:-}" ]] && echo "REKEY_HELM=${dirs[helm]}/bin/helm"
   echo "REKEY_K8S_VERSION=${K8S_VERSION}"
 } > "$envfile"
 log "environment ready: $envfile"

@@ -240,7 +240,7 @@ pub fn phase_of(sr: &SecretRotation) -> Option<Phase> {
 
 /// Waits until the SecretRotation's phase is `want`, and returns it. Panics
 /// early (with the status) when a rotation finished after this call with
-/// another result.
+/// another result. A terminal `want` that already holds returns at once.
 pub async fn wait_phase(
     client: &Client,
     ns: &str,

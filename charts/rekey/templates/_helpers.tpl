@@ -1,0 +1,42 @@
+{{- define "rekey.name" -}}rekey{{- end -}}
+{{- define "rekey.fullname" -}}{{ .Release.Name }}{{- end -}}
+{{- define "rekey.labels" -}}
+app.kubernetes.io/name: rekey
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+{{- define "rekey.selector" -}}
+app.kubernetes.io/name: rekey
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The rules rekey needs inside a namespace it acts in. Each is there for a
+     named step; docs/rbac.md lists what fails without it. */}}
+{{- define "rekey.namespacedRules" -}}
+# SecretRotations: watched, and their status written (server-side apply).
+- apiGroups: [rekey.dev]
+  resources: [secretrotations]
+  verbs: [get, list, watch]
+- apiGroups: [rekey.dev]
+  resources: [secretrotations/status]
+  verbs: [patch]
+# Secrets: read references (sources, API keys, synced Secrets), write
+# kubernetesSecret targets and the write-ahead record, delete the record.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, patch, delete]
+# ExternalSecrets: checked in Preflight, annotated to request a refresh.
+- apiGroups: [external-secrets.io]
+  resources: [externalsecrets]
+  verbs: [get, patch]
+# Workloads: observed for rollout proof, stamped to restart (Trigger mode).
+- apiGroups: [apps]
+  resources: [deployments, statefulsets, daemonsets]
+  verbs: [get, patch]
+# Events on SecretRotations.
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

@@ -1,0 +1,383 @@
+//! How people install and drive rekey: the Helm chart (lint, Pod Security
+//! `restricted`, least-privilege RBAC that is enough and where every rule is
+//! needed), the `kubectl rekey` plugin, and the example manifests.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::cluster::{Cluster, repo_root};
+use common::fixtures::*;
+use common::operator::Operator;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::rbac::v1::Role;
+use kube::api::{Api, Patch, PatchParams};
+use rekey::crd::Phase;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn helm(c: &Cluster, args: &[&str]) -> String {
+    let bin = c
+        .bins
+        .all
+        .get("REKEY_HELM")
+        .expect("REKEY_HELM missing: run `make testenv`");
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn chart_lints_and_ships_the_committed_crd() {
+    let c = common::cluster_with(common::Options::default());
+    let chart = repo_root().join("charts/rekey");
+    helm(c, &["lint", "--strict", &chart.display().to_string()]);
+    let shipped = std::fs::read_to_string(chart.join("crds/secretrotation.yaml")).unwrap();
+    let committed = std::fs::read_to_string(repo_root().join("crds/secretrotation.yaml")).unwrap();
+    assert!(
+        shipped == committed,
+        "charts/rekey/crds is stale: run `make crds`"
+    );
+    // More than one replica without leader election is refused.
+    let bin = c.bins.all.get("REKEY_HELM").unwrap();
+    let out = Command::new(bin)
+        .args([
+            "template",
+            "x",
+            &chart.display().to_string(),
+            "--set",
+            "replicas=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("leaderElection.enabled=true"));
+}
+
+/// Installs the chart (rendered by helm, applied to the real API server) into
+/// a namespace enforcing Pod Security `restricted`, acting in `watched`.
+async fn install_chart(c: &Cluster, client: &kube::Client, watched: &str) -> String {
+    let release_ns = common::namespace(client, "rekey-system").await;
+    c.kubectl(&[
+        "label",
+        "namespace",
+        &release_ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ])
+    .unwrap();
+    let chart = repo_root().join("charts/rekey").display().to_string();
+    let manifest = helm(
+        c,
+        &[
+            "template",
+            "rekey",
+            &chart,
+            "--namespace",
+            &release_ns,
+            "--set",
+            &format!("namespaces={{{watched}}}"),
+            "--set",
+            "image.tag=test",
+        ],
+    );
+    c.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifest)
+        .unwrap();
+    release_ns
+}
+
+/// A kubeconfig that authenticates as the chart's ServiceAccount.
+fn service_account_kubeconfig(c: &Cluster, release_ns: &str) -> PathBuf {
+    let token = c
+        .kubectl(&[
+            "-n",
+            release_ns,
+            "create",
+            "token",
+            "rekey",
+            "--duration=1h",
+        ])
+        .unwrap();
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(&c.ca_pem);
+    let path = c.dir.join(format!("kubeconfig-sa-{release_ns}"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{}\", certificate-authority-data: {ca}}}\nusers:\n- name: sa\n  user: {{token: {}}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: sa}}\ncurrent-context: c\n",
+            c.api_url,
+            token.trim()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn chart_installs_under_restricted_pod_security_and_its_rbac_is_enough() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "chart").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let release_ns = install_chart(c, &client, &ns).await;
+    // The operator's pod is admitted under `restricted` and runs (on kwok).
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &release_ns);
+    common::wait_for("rekey Deployment available", LONG, || async {
+        deploys
+            .get("rekey")
+            .await
+            .ok()
+            .and_then(|d| d.status)
+            .and_then(|s| s.available_replicas)
+            == Some(1)
+    })
+    .await;
+
+    // The real binary, with exactly the chart's ServiceAccount permissions.
+    let kubeconfig = service_account_kubeconfig(c, &release_ns);
+    let op = Operator::start_with_kubeconfig(c, &ns, kubeconfig);
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(json!({"generated": {}})),
+    )
+    .await;
+    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    assert!(
+        !op.logs().contains("forbidden"),
+        "no permission was missing"
+    );
+    assert!(
+        !event_notes(&client, &ns, "app-secret").await.is_empty(),
+        "Events were published"
+    );
+}
+
+/// Every rule of the chart's Role is needed: without it, a named step fails.
+#[tokio::test]
+async fn each_rbac_rule_is_needed() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "rbac").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let release_ns = install_chart(c, &client, &ns).await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let full = roles.get("rekey").await.unwrap();
+    let rules = full.rules.clone().unwrap();
+    assert_eq!(
+        rules.len(),
+        6,
+        "update this test when the chart's rules change"
+    );
+    let kubeconfig = service_account_kubeconfig(c, &release_ns);
+
+    for (i, rule) in rules.iter().enumerate() {
+        let what = format!(
+            "{:?} {:?} {:?}",
+            rule.api_groups, rule.resources, rule.verbs
+        );
+        let mut without = rules.clone();
+        without.remove(i);
+        roles
+            .patch("rekey", &PatchParams::apply("test").force(), &Patch::Apply(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "rekey"}, "rules": without
+            })))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let name = format!("without-{i}");
+        let op = Operator::start_with_kubeconfig(c, &ns, kubeconfig.clone());
+        create_rotation(&client, &ns, &name, rotation_spec(json!({"generated": {}}))).await;
+        // Each rule's absence shows where it is used.
+        let resource = rule.resources.as_ref().unwrap()[0].clone();
+        let broke = common::wait_for(
+            &format!("a failure without {what}"),
+            Duration::from_secs(60),
+            || async {
+                let sr = get_rotation(&client, &ns, &name).await;
+                let failed = phase_of(&sr) == Some(Phase::Failed);
+                let logs = op.logs();
+                match resource.as_str() {
+                    // Without watch or status writes nothing can happen, and the log says why.
+                    "secretrotations" | "secretrotations/status" => {
+                        logs.contains("forbidden") && sr.status.is_none()
+                    }
+                    "events" => {
+                        phase_of(&sr) == Some(Phase::Succeeded)
+                            && logs.contains("could not publish event")
+                    }
+                    _ => failed,
+                }
+            },
+        )
+        .await;
+        let sr = get_rotation(&client, &ns, &name).await;
+        if let Some(f) = sr
+            .status
+            .as_ref()
+            .and_then(|s| s.last_rotation.as_ref())
+            .and_then(|l| l.failure.as_ref())
+        {
+            assert!(
+                f.message.contains("forbidden"),
+                "{what}: the failure names the missing permission: {f:?}"
+            );
+        }
+        eprintln!("without {what}: broke after {broke:?}");
+        drop(op);
+        let _ = c.kubectl(&["-n", &ns, "delete", "secretrotation", &name, "--wait=false"]);
+    }
+    roles
+        .patch("rekey", &PatchParams::apply("test").force(), &Patch::Apply(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "rekey"}, "rules": rules
+        })))
+        .await
+        .unwrap();
+}
+
+fn plugin(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
+        .args(["-n", ns])
+        .args(args)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn kubectl_rekey_plugin_shows_and_steers_rotations() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "plugin").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["approval"] = json!({"required": true});
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    wait_phase(&client, &ns, "app-secret", Phase::AwaitingApproval, LONG).await;
+
+    let (ok, table) = plugin(c, &ns, &["status"]);
+    assert!(
+        ok && table.contains("app-secret") && table.contains("AwaitingApproval"),
+        "{table}"
+    );
+    let (ok, json_out) = plugin(c, &ns, &["status", "app-secret", "-o", "json"]);
+    assert!(ok, "{json_out}");
+    let v: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(v["status"]["phase"], "AwaitingApproval");
+    let (ok, out) = plugin(c, &ns, &["confirm-invalidated", "app-secret"]);
+    assert!(
+        !ok && out.contains("not AwaitingConfirmation"),
+        "refuses what makes no sense: {out}"
+    );
+
+    let (ok, out) = plugin(c, &ns, &["approve", "app-secret"]);
+    assert!(ok, "{out}");
+    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    let (ok, timeline) = plugin(c, &ns, &["status", "app-secret"]);
+    assert!(
+        ok && timeline.contains("AwaitingRollout") && timeline.contains("Succeeded"),
+        "{timeline}"
+    );
+    // The Grafana dashboard only uses series the operator really exports.
+    let metrics = _op.scrape().await;
+    let dashboard =
+        std::fs::read_to_string(repo_root().join("docs/dashboards/rekey.json")).unwrap();
+    let mut names: Vec<&str> = dashboard
+        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .filter(|w| w.starts_with("rekey_"))
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+        let short = family.strip_prefix("rekey_").unwrap();
+        assert!(
+            rekey::metrics::FAMILIES.contains(&short),
+            "dashboard uses {name}, which rekey does not export"
+        );
+        // Families that only have series during a rotation or after an error are not in this scrape.
+        if !["grace_seconds_left", "reconcile_errors"].contains(&short) {
+            assert!(
+                metrics.contains(&format!("# TYPE {family} ")),
+                "{name} missing from the scrape"
+            );
+        }
+    }
+    let (ok, history) = plugin(c, &ns, &["history", "app-secret", "-o", "json"]);
+    assert!(ok);
+    let h: Vec<Value> = serde_json::from_str(&history).unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["result"], "Succeeded");
+
+    // `kubectl rekey` finds the plugin on PATH, like a user's kubectl would.
+    let plugin_dir = PathBuf::from(env!("CARGO_BIN_EXE_kubectl-rekey"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap()
+    );
+    let out = Command::new(c.bins.kubectl())
+        .args(["rekey", "-n", &ns, "rotate", "app-secret"])
+        .env("PATH", path)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::AwaitingApproval, LONG).await;
+    assert_eq!(sr.status.unwrap().rotation.unwrap().reason, "OnDemand");
+}
+
+#[tokio::test]
+async fn every_example_manifest_is_accepted() {
+    let c = common::cluster();
+    let client = common::client_for(c).await;
+    install_crd(c);
+    let mut applied = 0;
+    let mut dirs = vec![repo_root().join("examples")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                let ns = common::namespace(&client, "example").await;
+                c.kubectl(&[
+                    "-n",
+                    &ns,
+                    "apply",
+                    "--server-side",
+                    "-f",
+                    &path.display().to_string(),
+                ])
+                .unwrap_or_else(|e| panic!("{} is rejected: {e}", path.display()));
+                applied += 1;
+            }
+        }
+    }
+    assert!(applied >= 3, "examples found: {applied}");
+}
