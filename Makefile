@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help demo test testenv lint unit integration crds crds-check cluster cluster-down build clean-testenv
+.PHONY: help demo test testenv lint unit integration crds cluster cluster-down chart-install build clean-testenv
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ cluster: testenv ## start the environment in the background; writes .cluster/kub
 
 cluster-down: ## stop the background environment, leave no process
 	./scripts/cluster.sh down
+
+chart-install: cluster ## install the Helm chart into the local cluster (acting in namespace rekey-demo)
+	. target/testenv.env && . .cluster/env && kubectl create namespace rekey-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null && \
+	  "$$REKEY_HELM" upgrade --install rekey charts/rekey --namespace rekey-system --create-namespace \
+	    --kubeconfig .cluster/kubeconfig --set 'namespaces={rekey-demo}' --wait --timeout 2m
+	@echo "installed; the image cannot be pulled here, kwok runs the pod anyway: kubectl -n rekey-system get deploy,pods"
 
 clean-testenv: ## delete the cached environment binaries
 	rm -rf $${REKEY_CACHE_DIR:-$$HOME/.cache/rekey}

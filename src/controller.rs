@@ -237,15 +237,7 @@ impl Reconciler {
             Err(e) if e.permanent => self.fail(e).await,
             Err(e) => {
                 // Transient: retry, but not beyond the phase's time budget.
-                let since = self
-                    .rotation()
-                    .phase_started_at
-                    .as_ref()
-                    .map(|t| t.0)
-                    .unwrap_or(self.now);
-                if waits_for_a_person(phase)
-                    || !decide::timed_out(since, self.proof_timeout(), self.now)
-                {
+                if waits_for_a_person(phase) || !self.phase_timed_out() {
                     self.set_rotating(&format!("retrying after error: {e}"));
                     self.write_status().await?;
                     return Ok(Action::requeue(self.ctx.poll.max(Duration::from_secs(2))));

@@ -39,9 +39,7 @@ fn fully_rolled_out(d: &Deployment, want: i32) -> bool {
 
 #[tokio::test]
 async fn deployment_rolls_out_on_kwok_nodes() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "rollout").await;
+    let (_, client, ns) = common::setup("rollout").await;
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     deps.create(&PostParams::default(), &deployment("web", 3))
         .await
@@ -107,9 +105,7 @@ fn read_key(s: &Secret, key: &str) -> Option<String> {
 
 #[tokio::test]
 async fn eso_syncs_and_refreshes_on_request() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "eso").await;
+    let (c, client, ns) = common::setup("eso").await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let first = common::canary("first");
     secrets

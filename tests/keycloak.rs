@@ -10,8 +10,7 @@ use common::fixtures::*;
 use common::keycloak::keycloak;
 use common::operator::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ResourceQuota;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use rekey::crd::{KeycloakSource, LocalSecretRef, Phase};
 use rekey::source::CredentialSource;
 use serde_json::{Value, json};
@@ -126,14 +125,7 @@ async fn a_rollout_that_never_completes_leaves_the_old_secret_valid() {
         .await;
     scene(c, &client, &ns, &old).await;
     admin_secret(&client, &ns, kc).await;
-    let quota: ResourceQuota = serde_json::from_value(
-        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}}),
-    )
-    .unwrap();
-    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &quota)
-        .await
-        .unwrap();
+    block_new_pods(&client, &ns, 2).await;
     let _op = Operator::start(c, &ns);
     let mut spec = keycloak_spec(&kc.url, &realm);
     spec["proof"]["timeout"] = json!("20s");

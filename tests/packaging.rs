@@ -121,9 +121,7 @@ fn service_account_kubeconfig(c: &Cluster, release_ns: &str) -> PathBuf {
 
 #[tokio::test]
 async fn chart_installs_under_restricted_pod_security_and_its_rbac_is_enough() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "chart").await;
+    let (c, client, ns) = common::setup("chart").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
     let release_ns = install_chart(c, &client, &ns).await;
@@ -164,9 +162,7 @@ async fn chart_installs_under_restricted_pod_security_and_its_rbac_is_enough() {
 /// Every rule of the chart's Role is needed: without it, a named step fails.
 #[tokio::test]
 async fn each_rbac_rule_is_needed() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "rbac").await;
+    let (c, client, ns) = common::setup("rbac").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let release_ns = install_chart(c, &client, &ns).await;
     let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
@@ -260,9 +256,7 @@ fn plugin(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn kubectl_rekey_plugin_shows_and_steers_rotations() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "plugin").await;
+    let (c, client, ns) = common::setup("plugin").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let _op = Operator::start(c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
@@ -380,4 +374,54 @@ async fn every_example_manifest_is_accepted() {
         }
     }
     assert!(applied >= 3, "examples found: {applied}");
+}
+
+/// Two replicas with leader election: one leader does all the work, and when
+/// it dies the other takes over.
+#[tokio::test]
+async fn leader_election_lets_one_replica_work_and_fails_over() {
+    let (c, client, ns) = common::setup("leader").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let args = ["--leader-election-namespace", ns.as_str()];
+    let mut first = Operator::start_with_args(c, &ns, c.kubeconfig.clone(), &args);
+    common::wait_for("a leader", Duration::from_secs(30), || async {
+        first.logs().contains("became leader")
+    })
+    .await;
+    let second = Operator::start_with_args(c, &ns, c.kubeconfig.clone(), &args);
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(json!({"generated": {}})),
+    )
+    .await;
+    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    assert!(first.logs().contains("rotation finished"));
+    assert!(
+        !second.logs().contains("became leader") && !second.logs().contains("phase changed"),
+        "the follower stayed idle"
+    );
+    // The leader dies; the follower takes over once the lease expires and serves the next request.
+    first.kill();
+    annotate_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        "rekey.dev/rotate",
+        "after-failover",
+    )
+    .await;
+    common::wait_for("failover", Duration::from_secs(60), || async {
+        second.logs().contains("became leader")
+    })
+    .await;
+    common::wait_for("second rotation", LONG, || async {
+        get_rotation(&client, &ns, "app-secret")
+            .await
+            .status
+            .is_some_and(|s| s.history.len() == 2 && s.rotation.is_none())
+    })
+    .await;
+    assert_eq!(revisions(&client, &ns, "app").await, 3);
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use common::fixtures::*;
 use common::operator::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use rekey::crd::Phase;
@@ -19,9 +18,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test]
 async fn generated_value_rotates_through_eso_and_rollout() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "generated").await;
+    let (c, client, ns) = common::setup("generated").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
     assert_eq!(revisions(&client, &ns, "app").await, 1);
@@ -134,6 +131,15 @@ struct WebhookLog {
     invalidated: Vec<(String, Instant, Option<String>, bool)>,
 }
 
+fn idempotency_key(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("idempotency-key")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 async fn webhook_server(
     client: Client,
     ns: String,
@@ -150,12 +156,7 @@ async fn webhook_server(
             "/issue",
             post(
                 |State((log, _, _, values)): State<S>, headers: HeaderMap| async move {
-                    let key = headers
-                        .get("idempotency-key")
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .to_string();
+                    let key = idempotency_key(&headers);
                     let mut log = log.lock().unwrap();
                     // Same idempotency key, same value (the documented contract).
                     let value = match log.issued.iter().find(|(k, _)| *k == key) {
@@ -171,12 +172,7 @@ async fn webhook_server(
             "/invalidate",
             post(
                 |State((log, client, ns, _)): State<S>, headers: HeaderMap| async move {
-                    let key = headers
-                        .get("idempotency-key")
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .to_string();
+                    let key = idempotency_key(&headers);
                     let synced = read_key(&client, &ns, "app-creds", "client_secret").await;
                     let rolled = deployment_available(&client, &ns, "app").await;
                     log.lock()
@@ -196,17 +192,13 @@ async fn webhook_server(
 
 #[tokio::test]
 async fn webhook_invalidates_once_and_only_after_sync_and_rollout() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "webhook").await;
+    let (c, client, ns) = common::setup("webhook").await;
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
-    let spec = rotation_spec(
-        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
-    );
+    let spec = rotation_spec(webhook_credential(&url));
     create_rotation(&client, &ns, "app-secret", spec).await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
     let id = sr
@@ -239,9 +231,7 @@ async fn webhook_invalidates_once_and_only_after_sync_and_rollout() {
 
 #[tokio::test]
 async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_back() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "nosync").await;
+    let (c, client, ns) = common::setup("nosync").await;
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
@@ -265,9 +255,7 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
     .await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
-    let mut spec = rotation_spec(
-        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
-    );
+    let mut spec = rotation_spec(webhook_credential(&url));
     spec["proof"]["externalSecrets"] = json!([{"name": "app-creds", "key": "client_secret"}, {"name": "wrong-source", "key": "client_secret"}]);
     spec["proof"]["timeout"] = json!("15s");
     spec["onFailure"] = json!("Rollback");
@@ -325,27 +313,16 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
 
 #[tokio::test]
 async fn rollout_that_never_completes_fails_and_holds() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "norollout").await;
+    let (c, client, ns) = common::setup("norollout").await;
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
     // The namespace may hold only the 2 running pods: the surge pod of any
     // rollout is refused, so the new revision never becomes ready.
-    let quota: ResourceQuota = serde_json::from_value(
-        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}}),
-    )
-    .unwrap();
-    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &quota)
-        .await
-        .unwrap();
+    block_new_pods(&client, &ns, 2).await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
-    let mut spec = rotation_spec(
-        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
-    );
+    let mut spec = rotation_spec(webhook_credential(&url));
     spec["proof"]["timeout"] = json!("20s");
     create_rotation(&client, &ns, "app-secret", spec).await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
@@ -369,9 +346,7 @@ async fn rollout_that_never_completes_fails_and_holds() {
 
 #[tokio::test]
 async fn trigger_change_on_demand_annotation_and_schedule_each_start_a_rotation() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "triggers").await;
+    let (c, client, ns) = common::setup("triggers").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let _op = Operator::start(c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
@@ -452,9 +427,7 @@ async fn trigger_change_on_demand_annotation_and_schedule_each_start_a_rotation(
 
 #[tokio::test]
 async fn approval_gate_holds_until_approved_and_requests_queue() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "approval").await;
+    let (c, client, ns) = common::setup("approval").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
     let _op = Operator::start(c, &ns);
@@ -517,9 +490,7 @@ async fn approval_gate_holds_until_approved_and_requests_queue() {
 
 #[tokio::test]
 async fn a_crashing_operator_never_rolls_out_twice() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "crash").await;
+    let (c, client, ns) = common::setup("crash").await;
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
@@ -534,7 +505,7 @@ async fn a_crashing_operator_never_rolls_out_twice() {
         &client,
         &ns,
         "app-secret",
-        rotation_spec(json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}})),
+        rotation_spec(webhook_credential(&url)),
     )
     .await;
     // Kill the operator (SIGKILL) as soon as each phase is entered, and start it again.
@@ -588,9 +559,7 @@ async fn a_crashing_operator_never_rolls_out_twice() {
 
 #[tokio::test]
 async fn idle_reconciles_write_nothing() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "idle").await;
+    let (c, client, ns) = common::setup("idle").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let _op = Operator::start(c, &ns);
     create_rotation(
@@ -627,9 +596,7 @@ async fn idle_reconciles_write_nothing() {
 
 #[tokio::test]
 async fn manual_source_waits_for_the_person_to_confirm_invalidation() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "manual").await;
+    let (c, client, ns) = common::setup("manual").await;
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
@@ -715,9 +682,7 @@ async fn manual_source_waits_for_the_person_to_confirm_invalidation() {
 #[tokio::test]
 async fn statefulsets_and_daemonsets_roll_once_per_rotation() {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "kinds").await;
+    let (c, client, ns) = common::setup("kinds").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let template = |app: &str| {
         json!({"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "c", "image": "example.invalid/c:1",
@@ -781,9 +746,7 @@ async fn statefulsets_and_daemonsets_roll_once_per_rotation() {
 
 #[tokio::test]
 async fn await_mode_waits_for_another_restarter() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "await").await;
+    let (c, client, ns) = common::setup("await").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let _op = Operator::start(c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
@@ -814,18 +777,9 @@ async fn await_mode_waits_for_another_restarter() {
 
 #[tokio::test]
 async fn late_proof_warns_about_the_grace_window() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "grace").await;
+    let (c, client, ns) = common::setup("grace").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let quota: ResourceQuota = serde_json::from_value(
-        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "2"}}}),
-    )
-    .unwrap();
-    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &quota)
-        .await
-        .unwrap();
+    block_new_pods(&client, &ns, 2).await;
     let op = Operator::start(c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["oldValueValidFor"] = json!("1m");

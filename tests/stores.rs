@@ -442,9 +442,7 @@ fn multi_spec(c: &Cluster, s: &MultiScene, credential: Value) -> Value {
 
 #[tokio::test]
 async fn ibm_and_aws_targets_rotate_together_through_eso() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "multi").await;
+    let (c, client, ns) = common::setup("multi").await;
     let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
     let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
     let op = Operator::start(c, &ns);
@@ -506,9 +504,7 @@ async fn ibm_and_aws_targets_rotate_together_through_eso() {
 
 #[tokio::test]
 async fn a_target_that_cannot_be_written_fails_the_rotation_and_rolls_back_the_other() {
-    let c = common::cluster();
-    let client = common::client_for(c).await;
-    let ns = common::namespace(&client, "multifail").await;
+    let (c, client, ns) = common::setup("multifail").await;
     let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
     let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
     // dev-stage has two versions, the previous one locked: writing answers 412.
@@ -532,11 +528,7 @@ async fn a_target_that_cannot_be_written_fails_the_rotation_and_rolls_back_the_o
         );
     let (url, log) = webhook(&client, &ns).await;
     let op = Operator::start(c, &ns);
-    let spec = multi_spec(
-        c,
-        &s,
-        json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}}),
-    );
+    let spec = multi_spec(c, &s, webhook_credential(&url));
     create_rotation(&client, &ns, "ai-component", spec).await;
     let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;
 

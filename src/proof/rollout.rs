@@ -53,25 +53,33 @@ impl Workloads {
         }
     }
 
+    async fn get<K>(&self, w: &WorkloadRef) -> Result<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        Api::<K>::namespaced(self.client.clone(), &self.namespace)
+            .get_opt(&w.name)
+            .await
+            .map_err(|e| Error::kube("read workload", e))?
+            .ok_or_else(|| not_found(w.kind, &self.namespace, &w.name))
+    }
+
     pub async fn observe(&self, w: &WorkloadRef, annotation: &str) -> Result<Observed> {
-        let ns = &self.namespace;
-        let get_err = |e| Error::kube("read workload", e);
-        let stamp = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
-            t.and_then(|t| t.metadata.as_ref())
+        let stamp = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+            t.metadata
+                .as_ref()
                 .and_then(|m| m.annotations.as_ref())
                 .and_then(|a| a.get(annotation).cloned())
         };
         Ok(match w.kind {
             WorkloadKind::Deployment => {
-                let d = Api::<Deployment>::namespaced(self.client.clone(), ns)
-                    .get_opt(&w.name)
-                    .await
-                    .map_err(get_err)?
-                    .ok_or_else(|| not_found(w.kind, ns, &w.name))?;
-                let spec = d.spec.unwrap_or_default();
-                let s = d.status.unwrap_or_default();
+                let d: Deployment = self.get(w).await?;
+                let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
-                    stamped: stamp(Some(&spec.template)),
+                    stamped: stamp(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),
@@ -85,15 +93,10 @@ impl Workloads {
                 }
             }
             WorkloadKind::StatefulSet => {
-                let d = Api::<StatefulSet>::namespaced(self.client.clone(), ns)
-                    .get_opt(&w.name)
-                    .await
-                    .map_err(get_err)?
-                    .ok_or_else(|| not_found(w.kind, ns, &w.name))?;
-                let spec = d.spec.unwrap_or_default();
-                let s = d.status.unwrap_or_default();
+                let d: StatefulSet = self.get(w).await?;
+                let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
-                    stamped: stamp(Some(&spec.template)),
+                    stamped: stamp(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),
@@ -108,15 +111,10 @@ impl Workloads {
                 }
             }
             WorkloadKind::DaemonSet => {
-                let d = Api::<DaemonSet>::namespaced(self.client.clone(), ns)
-                    .get_opt(&w.name)
-                    .await
-                    .map_err(get_err)?
-                    .ok_or_else(|| not_found(w.kind, ns, &w.name))?;
-                let spec = d.spec.unwrap_or_default();
-                let s = d.status.unwrap_or_default();
+                let d: DaemonSet = self.get(w).await?;
+                let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
-                    stamped: stamp(Some(&spec.template)),
+                    stamped: stamp(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),

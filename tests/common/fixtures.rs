@@ -356,3 +356,21 @@ pub async fn annotate_rotation(client: &Client, ns: &str, name: &str, key: &str,
         .await
         .unwrap();
 }
+
+/// A ResourceQuota that lets the namespace hold only `pods` pods: the surge
+/// pod of any rollout is refused, so a new revision never becomes ready.
+pub async fn block_new_pods(client: &Client, ns: &str, pods: u32) {
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": pods.to_string()}}}),
+    )
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+}
+
+/// The `credential` of a webhook source served at `url` (/issue, /invalidate).
+pub fn webhook_credential(url: &str) -> Value {
+    json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}})
+}

@@ -83,6 +83,14 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
     name
 }
 
+/// The usual start of a test: the binary's cluster, a client, a fresh namespace.
+pub async fn setup(prefix: &str) -> (&'static Cluster, Client, String) {
+    let c = cluster();
+    let client = client_for(c).await;
+    let ns = namespace(&client, prefix).await;
+    (c, client, ns)
+}
+
 /// Polls `check` every 200 ms until it returns true; panics after `timeout`.
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
 where

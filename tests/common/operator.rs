@@ -18,6 +18,9 @@ pub struct Operator {
     pgid: i32,
     restarts: u32,
     dir: PathBuf,
+    /// Distinguishes operators in one namespace (log file names).
+    id: u32,
+    extra_args: Vec<String>,
 }
 
 impl Operator {
@@ -27,7 +30,18 @@ impl Operator {
     }
 
     pub fn start_with_kubeconfig(c: &Cluster, namespace: &str, kubeconfig: PathBuf) -> Operator {
+        Self::start_with_args(c, namespace, kubeconfig, &[])
+    }
+
+    pub fn start_with_args(
+        c: &Cluster,
+        namespace: &str,
+        kubeconfig: PathBuf,
+        extra_args: &[&str],
+    ) -> Operator {
         let mut op = Operator {
+            id: rand::random::<u32>() % 1_000_000,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: PathBuf::new(),
             metrics_port: free_port(),
@@ -42,14 +56,16 @@ impl Operator {
     }
 
     fn spawn(&mut self) {
-        self.log = self
-            .dir
-            .join(format!("rekey-{}-{}.log", self.namespace, self.restarts));
+        self.log = self.dir.join(format!(
+            "rekey-{}-{}-{}.log",
+            self.namespace, self.id, self.restarts
+        ));
         let log = fs::File::create(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_rekey"))
             .args(["run", "--poll=500ms"])
             .arg(format!("--namespaces={}", self.namespace))
             .arg(format!("--metrics-addr=127.0.0.1:{}", self.metrics_port))
+            .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env(
                 "RUST_LOG",
@@ -84,8 +100,11 @@ impl Operator {
     pub fn logs(&self) -> String {
         (0..=self.restarts)
             .map(|i| {
-                fs::read_to_string(self.dir.join(format!("rekey-{}-{i}.log", self.namespace)))
-                    .unwrap_or_default()
+                fs::read_to_string(
+                    self.dir
+                        .join(format!("rekey-{}-{}-{i}.log", self.namespace, self.id)),
+                )
+                .unwrap_or_default()
             })
             .collect::<Vec<_>>()
             .join("\n")
