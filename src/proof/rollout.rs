@@ -160,3 +160,24 @@ impl Workloads {
         r.map_err(|e| Error::kube("restart workload", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::restart_annotation;
+
+    #[test]
+    fn restart_annotation_names_stay_valid_and_distinct() {
+        assert_eq!(
+            restart_annotation("app-secret"),
+            "rotation.rekey.dev/app-secret"
+        );
+        let long_a = "a".repeat(200);
+        let long_b = format!("{}b", "a".repeat(199));
+        let (a, b) = (restart_annotation(&long_a), restart_annotation(&long_b));
+        for n in [&a, &b] {
+            let name = n.split_once('/').unwrap().1;
+            assert!(name.len() <= 63, "{n}");
+        }
+        assert_ne!(a, b, "two long names must not share an annotation");
+    }
+}

@@ -459,3 +459,27 @@ impl CredentialSource for Keycloak {
         Ok(Invalidation::Done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::policy_applies;
+    use serde_json::json;
+
+    #[test]
+    fn only_conditions_rekey_can_evaluate_count() {
+        let confidential = json!({"publicClient": false});
+        let public = json!({"publicClient": true});
+        let by_type = json!({"conditions": [{"condition": "client-access-type", "configuration": {"type": ["confidential"]}}]});
+        assert!(policy_applies(&by_type, &confidential));
+        assert!(!policy_applies(&by_type, &public));
+        assert!(policy_applies(
+            &json!({"conditions": [{"condition": "any-client", "configuration": {}}]}),
+            &public
+        ));
+        let negated = json!({"conditions": [{"condition": "any-client", "configuration": {"is-negative-logic": true}}]});
+        assert!(!policy_applies(&negated, &confidential));
+        let unknown = json!({"conditions": [{"condition": "client-roles", "configuration": {"roles": ["x"]}}]});
+        assert!(!policy_applies(&unknown, &confidential), "not relied on");
+        assert!(!policy_applies(&json!({"conditions": []}), &confidential));
+    }
+}

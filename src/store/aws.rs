@@ -258,3 +258,14 @@ impl Store for AwsSecretsManagerStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_ids_fit_aws_client_request_token_bounds() {
+        let id = crate::controller::new_rotation_id(jiff::Timestamp::now());
+        let v = super::version_id(&id);
+        assert!((32..=64).contains(&v.len()), "{v} ({} chars)", v.len());
+        assert!(v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    }
+}
