@@ -18,7 +18,7 @@ say "CRD secretrotations.rekey.dev installed"
 
 # The operator, in the background (stopped by make cluster-down).
 if [[ -f .cluster/rekey.pid ]]; then kill "$(cat .cluster/rekey.pid)" 2>/dev/null || true; fi
-cargo build --quiet --locked --bin rekey
+cargo build --quiet --locked --bin rekey --bin kubectl-rekey
 nohup target/debug/rekey run --metrics-addr=127.0.0.1:9464 --poll=1s > .cluster/rekey.log 2>&1 &
 echo $! > .cluster/rekey.pid
 say "operator running (pid $(cat .cluster/rekey.pid), log .cluster/rekey.log, metrics http://127.0.0.1:9464/metrics)"
@@ -75,6 +75,8 @@ kubectl -n $ns get events --field-selector involvedObject.name=ai-component-clie
 echo
 kubectl -n $ns get secretrotation
 echo
+target/debug/kubectl-rekey -n $ns status ai-component-client-secret
+echo
 synced="$(kubectl -n $ns get secret app-creds -o jsonpath='{.data.client_secret}' | base64 -d)"
 if [[ $result == Succeeded && $synced != "$initial" ]]; then
   say "Succeeded: ESO delivered a new value and ai-component rolled out on it (revisions: $(kubectl -n $ns get rs -l app=ai-component --no-headers | wc -l))."
@@ -87,7 +89,9 @@ Look around:
   . .cluster/env
   kubectl -n $ns describe secretrotation ai-component-client-secret   # conditions, Events
   kubectl -n $ns get secretrotation ai-component-client-secret -o yaml # status.history with per-phase times
-  kubectl -n $ns annotate secretrotation ai-component-client-secret rekey.dev/rotate="\$(date +%s)" --overwrite   # rotate again
+  export PATH=\$PWD/target/debug:\$PATH                                 # the kubectl plugin
+  kubectl rekey -n $ns rotate ai-component-client-secret               # rotate again
+  kubectl rekey -n $ns history ai-component-client-secret
   curl -s http://127.0.0.1:9464/metrics | grep ^rekey_
 Stop everything:
   make cluster-down

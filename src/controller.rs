@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -297,8 +297,8 @@ impl Reconciler {
             reason: request.as_str().into(),
             trigger: self.sr.spec.trigger.clone(),
             rotate_request: self.annotations().get(decide::ROTATE_ANNOTATION).cloned(),
-            requested_at: Some(time(self.now)),
-            phase_started_at: Some(time(self.now)),
+            requested_at: Some(MicroTime(self.now)),
+            phase_started_at: Some(MicroTime(self.now)),
             ..Default::default()
         });
         self.status.phase = Some(Phase::Pending);
@@ -728,7 +728,7 @@ impl Reconciler {
         let since = rot.phase_started_at.as_ref().map(|t| t.0).unwrap_or(now);
         let seconds = (now.duration_since(since).as_secs_f64() * 1000.0).round() / 1000.0;
         rot.phases.push(PhaseTiming { phase, seconds });
-        rot.phase_started_at = Some(time(now));
+        rot.phase_started_at = Some(MicroTime(now));
         self.ctx
             .metrics
             .phase_duration
@@ -813,7 +813,7 @@ impl Reconciler {
             result,
             reason: rot.reason.clone(),
             failure: rot.failure.clone(),
-            started_at: rot.requested_at.clone(),
+            started_at: rot.requested_at.as_ref().map(|t| time(t.0)),
             finished_at: Some(time(self.now)),
             duration_seconds: (self.now.duration_since(started).as_secs_f64() * 1000.0).round()
                 / 1000.0,

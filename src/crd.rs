@@ -8,7 +8,7 @@
 // for a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -581,9 +581,9 @@ pub struct RotationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_request: Option<String>,
     /// When it was requested.
-    pub requested_at: Option<Time>,
+    pub requested_at: Option<MicroTime>,
     /// When the current phase started.
-    pub phase_started_at: Option<Time>,
+    pub phase_started_at: Option<MicroTime>,
     /// Phases already left, with their durations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTiming>,

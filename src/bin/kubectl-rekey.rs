@@ -12,6 +12,7 @@
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use rekey::crd::{Phase, RotationSummary, SecretRotation};
@@ -59,7 +60,7 @@ enum Command {
     History { name: String },
 }
 
-fn ago(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>, now: Timestamp) -> String {
+fn ago(t: Option<&Time>, now: Timestamp) -> String {
     let Some(t) = t else { return "-".into() };
     let secs = now.duration_since(t.0).as_secs();
     let (n, unit) = match secs.abs() {
@@ -114,7 +115,7 @@ fn timeline(sr: &SecretRotation, now: Timestamp) {
             "Rotation:   {} ({}), requested {}",
             rot.id,
             rot.reason,
-            ago(rot.requested_at.as_ref(), now)
+            ago(rot.requested_at.as_ref().map(|t| Time(t.0)).as_ref(), now)
         );
         if let Some(until) = &rot.old_value_valid_until {
             println!(
