@@ -23,6 +23,11 @@ async fn generated_value_rotates_through_eso_and_rollout() {
     scene(c, &client, &ns, &old).await;
     assert_eq!(revisions(&client, &ns, "app").await, 1);
     let op = Operator::start(c, &ns);
+    let before = op.scrape().await;
+    assert!(
+        !before.contains("rekey_rotations_started_total{"),
+        "no rotation counted yet"
+    );
 
     create_rotation(
         &client,
@@ -115,10 +120,43 @@ async fn generated_value_rotates_through_eso_and_rollout() {
             .is_none()
     );
 
+    // The series moved during the rotation.
     let metrics = op.scrape().await;
+    let labels = format!("namespace=\"{ns}\",name=\"app-secret\"");
+    let has = |line: &str| metrics.lines().any(|l| l == line);
     assert!(
-        metrics.contains("rekey_rotations_finished_total{namespace=\"")
-            && metrics.contains("result=\"Succeeded\"")
+        has(&format!("rekey_rotations_started_total{{{labels}}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rekey_rotations_finished_total{")
+                && l.contains("result=\"Succeeded\"")
+                && l.ends_with(" 1"))
+    );
+    assert!(
+        has(&format!(
+            "rekey_rotation_phase{{{labels},phase=\"Succeeded\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        has(&format!(
+            "rekey_rotation_phase{{{labels},phase=\"AwaitingRollout\"}} 0"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rekey_phase_duration_seconds_count{phase=\"AwaitingSync\"}"))
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rekey_provider_calls_total{")
+                && l.contains("provider=\"kubernetes\""))
     );
     assert_never_leaked(&client, &ns, &op.logs(), &metrics, &[&old, &synced]).await;
 }
