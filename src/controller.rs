@@ -686,7 +686,7 @@ impl Reconciler {
             };
             store::for_target(target, &self.ctx, &self.namespace)
                 .await?
-                .write(previous, &token)
+                .restore(previous, &rot.id)
                 .await?;
         }
         // Each ExternalSecret must hold a previous value again.
@@ -888,7 +888,7 @@ impl Reconciler {
                     EventType::Normal,
                     "RotationSucceeded",
                     format!(
-                        "Rotation {} succeeded in {:.0}s (versions: {}); the old value is invalidated",
+                        "Rotation {} succeeded in {:.0}s (versions: {}); the old value is retired",
                         rot.id,
                         summary.duration_seconds,
                         versions.join(", ")

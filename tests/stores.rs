@@ -555,6 +555,12 @@ async fn a_target_that_cannot_be_written_fails_the_rotation_and_rolls_back_the_o
         .await
         .unwrap();
     assert_eq!(got.secret_string.as_deref(), Some(prod_old.as_str()));
+    let stages = aws_stages(&s.aws, &s.aws_name).await;
+    assert_eq!(
+        stages.len(),
+        2,
+        "rollback moved AWSCURRENT back instead of writing a third version: {stages:?}"
+    );
     assert_eq!(
         read_key(&client, &ns, "prod-creds", "client_secret")
             .await

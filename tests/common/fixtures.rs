@@ -259,9 +259,10 @@ pub async fn wait_phase(
     loop {
         let sr = get_rotation(client, ns, name).await;
         let phase = phase_of(&sr);
-        if phase == Some(want)
-            && (!want.is_terminal() || last_id(&sr) != before || before.is_none())
-        {
+        // A terminal phase counts once no rotation is in progress (it may
+        // have finished before this call looked).
+        let idle = sr.status.as_ref().is_none_or(|s| s.rotation.is_none());
+        if phase == Some(want) && (!want.is_terminal() || idle) {
             return sr;
         }
         let finished_other = want.is_terminal()
