@@ -852,3 +852,76 @@ async fn late_proof_warns_about_the_grace_window() {
         "RolloutTimeout"
     );
 }
+
+#[tokio::test]
+async fn preflight_refuses_what_cannot_be_proven_and_dry_run_changes_nothing() {
+    let (c, client, ns) = common::setup("preflight").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    // An ExternalSecret that syncs once and then ignores refresh requests.
+    put_secret(
+        &client,
+        &ns,
+        "frozen-src",
+        json!({"client_secret": common::canary("frozen")}),
+    )
+    .await;
+    let es: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret", "metadata": {"name": "frozen"},
+        "spec": {"refreshInterval": "0", "secretStoreRef": {"kind": "SecretStore", "name": "cluster-secrets"},
+            "target": {"name": "frozen"}, "data": [{"secretKey": "client_secret", "remoteRef": {"key": "frozen-src", "property": "client_secret"}}]}
+    }))
+    .unwrap();
+    Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &es_resource("ExternalSecret"),
+    )
+    .create(&PostParams::default(), &es)
+    .await
+    .unwrap();
+    let _op = Operator::start(c, &ns);
+
+    let mut frozen = rotation_spec(json!({"generated": {}}));
+    frozen["proof"]["externalSecrets"] = json!([{"name": "frozen", "key": "client_secret"}]);
+    let mut missing = rotation_spec(json!({"generated": {}}));
+    missing["proof"]["workloads"] = json!([{"kind": "Deployment", "name": "does-not-exist"}]);
+    let mut dry = rotation_spec(json!({"generated": {}}));
+    dry["dryRun"] = json!(true);
+    create_rotation(&client, &ns, "frozen", frozen).await;
+    create_rotation(&client, &ns, "missing", missing).await;
+    create_rotation(&client, &ns, "dry", dry).await;
+
+    for (name, reason) in [
+        ("frozen", "RefreshNotHonoured"),
+        ("missing", "WorkloadNotFound"),
+    ] {
+        let sr = wait_phase(&client, &ns, name, Phase::Failed, LONG).await;
+        let f = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+        assert_eq!(
+            (f.reason.as_str(), f.phase),
+            (reason, Phase::Preflight),
+            "{name}: {}",
+            f.message
+        );
+    }
+    let sr = wait_phase(&client, &ns, "dry", Phase::DryRunSucceeded, LONG).await;
+    assert_eq!(
+        sr.status
+            .unwrap()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap()
+            .reason,
+        "DryRunSucceeded"
+    );
+    // Nothing was written or restarted by any of them.
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str())
+    );
+    assert_eq!(revisions(&client, &ns, "app").await, 1);
+}
