@@ -206,6 +206,25 @@ impl Reconciler {
         }
         self.watch_grace().await;
         self.note_pending_request();
+        let changed = spec_fingerprint(&self.sr.spec) != self.rotation().spec_fingerprint;
+        if changed
+            && !matches!(
+                self.phase(),
+                Phase::Pending | Phase::AwaitingApproval | Phase::Preflight | Phase::RollingBack
+            )
+        {
+            // What was issued, written and proven belongs to the old spec.
+            return self
+                .fail(Error::permanent(
+                    "SpecChangedDuringRotation",
+                    "spec.credential, targets or proof changed during the rotation; the old value was not invalidated. Request a new rotation",
+                ))
+                .await;
+        }
+        if changed {
+            let fingerprint = spec_fingerprint(&self.sr.spec);
+            self.rotation_mut().spec_fingerprint = fingerprint;
+        }
         let phase = self.phase();
         let step = match phase {
             Phase::Pending => Ok(Step::Advance(
@@ -299,6 +318,7 @@ impl Reconciler {
             rotate_request: self.annotations().get(decide::ROTATE_ANNOTATION).cloned(),
             requested_at: Some(MicroTime(self.now)),
             phase_started_at: Some(MicroTime(self.now)),
+            spec_fingerprint: spec_fingerprint(&self.sr.spec),
             ..Default::default()
         });
         self.status.phase = Some(Phase::Pending);
@@ -400,7 +420,7 @@ impl Reconciler {
         }
         let mut current = None;
         for target in &spec.targets {
-            let store = store::for_target(target, &self.ctx, &self.namespace).await?;
+            let store = store::for_target(target, &self.ctx, &self.namespace, &self.name).await?;
             store.preflight().await?;
             if current.is_none() {
                 current = store.read_current().await?;
@@ -432,7 +452,7 @@ impl Reconciler {
             // for onFailure: Rollback.
             let mut previous = BTreeMap::new();
             for target in &self.sr.spec.targets {
-                if let Some(v) = store::for_target(target, &self.ctx, &self.namespace)
+                if let Some(v) = store::for_target(target, &self.ctx, &self.namespace, &self.name)
                     .await?
                     .read_current()
                     .await?
@@ -444,7 +464,11 @@ impl Reconciler {
             if self.rotation().issue_marker.is_none() {
                 // Recorded before the side effect: a retry knows what it saw.
                 let marker = source.prepare_issue().await?;
-                self.rotation_mut().issue_marker = Some(marker);
+                let now = self.now;
+                let rot = self.rotation_mut();
+                rot.issue_marker = Some(marker);
+                // The identity provider's grace clock starts with the issue call.
+                rot.issued_at.get_or_insert(time(now));
                 self.write_status().await?;
             }
             let marker = self.rotation().issue_marker.clone().unwrap_or_default();
@@ -495,7 +519,22 @@ impl Reconciler {
         let value = self.new_value().await?;
         let id = self.rotation().id.clone();
         for target in self.sr.spec.targets.clone() {
-            let store = store::for_target(&target, &self.ctx, &self.namespace).await?;
+            let store = store::for_target(&target, &self.ctx, &self.namespace, &self.name).await?;
+            if !self
+                .rotation()
+                .targets
+                .iter()
+                .any(|t| t.name == target.name)
+            {
+                // Recorded before the write: a write whose answer is lost is
+                // still rolled back.
+                self.rotation_mut().targets.push(TargetStatus {
+                    name: target.name.clone(),
+                    version: "pending".into(),
+                    written_at: None,
+                });
+                self.write_status().await?;
+            }
             let started = std::time::Instant::now();
             let result = store.write(&value, &id).await;
             self.ctx.metrics.provider_call(
@@ -529,7 +568,7 @@ impl Reconciler {
             baselines.push(WorkloadBaseline {
                 kind: w.kind,
                 name: w.name.clone(),
-                generation: o.facts.generation,
+                template: o.template.clone(),
             });
         }
         self.rotation_mut().workload_baselines = baselines;
@@ -599,7 +638,7 @@ impl Reconciler {
                     .workload_baselines
                     .iter()
                     .find(|b| b.kind == w.kind && b.name == w.name)
-                    .is_none_or(|b| o.facts.generation > b.generation),
+                    .is_some_and(|b| o.template != b.template),
             };
             if !restarted {
                 waiting.push(format!(
@@ -684,30 +723,32 @@ impl Reconciler {
             ) else {
                 continue;
             };
-            store::for_target(target, &self.ctx, &self.namespace)
+            let store = store::for_target(target, &self.ctx, &self.namespace, &self.name).await?;
+            // Only a target that holds the new value has something to undo
+            // (a write may have failed, or this is a retry after restoring).
+            if store
+                .read_current()
                 .await?
-                .restore(previous, &rot.id)
-                .await?;
+                .is_some_and(|c| c.same_as(&record.new))
+            {
+                store.restore(previous, &rot.id).await?;
+            }
         }
-        // Each ExternalSecret must hold a previous value again.
+        // Proven when no ExternalSecret delivers the new value any more (one
+        // that never received it has nothing to undo).
         let eso = ExternalSecrets::new(self.ctx.client.clone(), &self.namespace);
         let mut waiting = vec![];
         for es in &self.sr.spec.proof.external_secrets {
             eso.request_refresh(&es.name, &token).await?;
-            let mut synced = false;
-            for previous in record.previous.values() {
-                if eso.state(es, previous).await? == SyncState::Synced {
-                    synced = true;
-                }
-            }
-            if !synced {
+            if eso.state(es, &record.new).await? == SyncState::Synced {
                 waiting.push(format!(
-                    "ExternalSecret {} does not hold the previous value yet",
+                    "ExternalSecret {} still delivers the new value",
                     es.name
                 ));
             }
         }
         if waiting.is_empty() {
+            self.rotation_mut().rolled_back = true;
             return Ok(Step::Finish(Phase::Failed));
         }
         if self.phase_timed_out() {
@@ -778,12 +819,23 @@ impl Reconciler {
     async fn fail(&mut self, err: Error) -> Result<Action> {
         let phase = self.phase();
         warn!(namespace = %self.namespace, name = %self.name, rotation = %self.rotation().id, reason = err.reason, error = %err.message, "rotation failing");
-        let rollback = self.sr.spec.on_failure == FailurePolicy::Rollback
+        let issued = self.rotation().issued_at.is_some();
+        let old_value_expires =
+            source::for_rotation(&self.sr, &self.ctx).is_ok_and(|s| s.old_value_expires());
+        let mut rollback = self.sr.spec.on_failure == FailurePolicy::Rollback
             && !self.rotation().targets.is_empty()
+            && err.reason != "SpecChangedDuringRotation"
             && !matches!(
                 phase,
                 Phase::RollingBack | Phase::Invalidating | Phase::AwaitingConfirmation
             );
+        let mut note = String::new();
+        if rollback && issued && old_value_expires {
+            // Writing the old value back would hand out a value the identity
+            // provider expires on its own timer: keep the new (valid) one.
+            rollback = false;
+            note = "; onFailure Rollback not applied: the identity provider expires the old value at the end of its grace window, the new value stays in the stores".into();
+        }
         if phase == Phase::RollingBack {
             let f = self.rotation_mut().failure.get_or_insert(Failure {
                 reason: err.reason.into(),
@@ -794,7 +846,7 @@ impl Reconciler {
         } else {
             self.rotation_mut().failure = Some(Failure {
                 reason: err.reason.into(),
-                message: err.message.clone(),
+                message: format!("{}{note}", err.message),
                 phase,
             });
         }
@@ -819,8 +871,7 @@ impl Reconciler {
                 / 1000.0,
             phases: rot.phases.clone(),
             targets: rot.targets.clone(),
-            rolled_back: result == Phase::Failed
-                && rot.phases.iter().any(|p| p.phase == Phase::RollingBack),
+            rolled_back: result == Phase::Failed && rot.rolled_back,
             grace_exceeded: rot.issued_at.as_ref().is_some_and(|t| {
                 decide::grace(t.0, self.grace_window(), self.now) == Grace::Exceeded
             }),
@@ -911,7 +962,6 @@ impl Reconciler {
             );
         }
         self.write_status().await?;
-        Wal::new(self.ctx.client.clone(), &self.sr).delete().await?;
 
         let m = &self.ctx.metrics;
         m.rotations_finished
@@ -935,6 +985,11 @@ impl Reconciler {
         m.grace_seconds_left.remove(&self.labels());
         info!(namespace = %self.namespace, name = %self.name, rotation = %rot.id, result = ?result, "rotation finished");
         self.event(event_type, reason, message).await;
+        // No copy of the value lingers. A failed delete is retried by the
+        // next rotation, which replaces the record.
+        if let Err(e) = Wal::new(self.ctx.client.clone(), &self.sr).delete().await {
+            warn!(namespace = %self.namespace, name = %self.name, error = %e, "could not delete the write-ahead record");
+        }
         Ok(Action::requeue(self.ctx.poll))
     }
 
@@ -1080,6 +1135,16 @@ fn waits_for_a_person(phase: Phase) -> bool {
         phase,
         Phase::AwaitingApproval | Phase::AwaitingConfirmation | Phase::Invalidating
     )
+}
+
+/// Fingerprint (FNV-1a of the JSON) of what a rotation acts on.
+fn spec_fingerprint(spec: &SecretRotationSpec) -> String {
+    let json =
+        serde_json::to_string(&(&spec.credential, &spec.targets, &spec.proof)).unwrap_or_default();
+    let h = json.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("{h:016x}")
 }
 
 /// A rotation id: sortable by time, unique, safe as an idempotency key.

@@ -613,6 +613,13 @@ pub struct RotationStatus {
     /// Set when the rotation is failing: the reason (CamelCase) and a message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// Whether the previous values were written back and ESO synced them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
+    /// Fingerprint of spec.credential, targets and proof when the rotation
+    /// started: a change after Issuing fails the rotation (no invalidation).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spec_fingerprint: String,
     /// Whether a GraceWindowAtRisk warning was emitted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grace_warned: bool,
@@ -638,13 +645,15 @@ pub struct TargetStatus {
     pub written_at: Option<Time>,
 }
 
-/// A workload's generation before the refresh request.
+/// A workload's pod template before the refresh request (Await mode): a
+/// restart is a change of the template, not of the replica count.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadBaseline {
     pub kind: WorkloadKind,
     pub name: String,
-    pub generation: i64,
+    /// FNV-1a fingerprint of the pod template.
+    pub template: String,
 }
 
 /// Why a rotation failed. The message is built from fixed text and object

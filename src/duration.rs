@@ -39,7 +39,7 @@ pub fn parse(s: &str) -> Option<Duration> {
         total += n * factor;
         rest = &rest[unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }
 
 #[cfg(test)]
@@ -54,7 +54,16 @@ mod tests {
         assert_eq!(parse("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse("0"), Some(Duration::ZERO));
-        for bad in ["", "30", "m", "30x", "-5m", "1h 30m", "1d"] {
+        for bad in [
+            "",
+            "30",
+            "m",
+            "30x",
+            "-5m",
+            "1h 30m",
+            "1d",
+            "99999999999999999999999h",
+        ] {
             assert_eq!(parse(bad), None, "{bad}");
         }
     }

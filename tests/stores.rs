@@ -83,13 +83,22 @@ async fn ibm_store_writes_one_version_per_rotation_and_maps_errors() {
         "one IAM token per store instance, cached across calls"
     );
 
-    // 429/5xx are retried with backoff.
-    emu.state.lock().unwrap().fail_next_writes = vec![503, 429];
-    let v3 = store
-        .write(&SecretValue::new(common::canary("third")), "rot-2")
-        .await
-        .unwrap();
-    assert_eq!(emu.secret(&id).versions.len(), 3);
+    // 429/5xx answers are transient errors; the retry (the controller's
+    // requeue) creates exactly one version, also when the service had created
+    // it before its answer was lost.
+    emu.state.lock().unwrap().fail_next_writes = vec![503];
+    let third = SecretValue::new(common::canary("third"));
+    let err = store.write(&third, "rot-2").await.unwrap_err();
+    assert!(!err.permanent, "{err}");
+    emu.state.lock().unwrap().fail_after_create = vec![504];
+    let err = store.write(&third, "rot-2").await.unwrap_err();
+    assert!(!err.permanent, "{err}");
+    let v3 = store.write(&third, "rot-2").await.unwrap();
+    assert_eq!(
+        emu.secret(&id).versions.len(),
+        3,
+        "exactly one version for rot-2"
+    );
     assert_eq!(emu.secret(&id).versions[2].id, v3);
 
     // A locked previous version answers 412: a clear, permanent error.

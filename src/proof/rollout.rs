@@ -31,6 +31,17 @@ pub struct Observed {
     pub facts: RolloutFacts,
     /// The value of the restart annotation on the pod template.
     pub stamped: Option<String>,
+    /// Fingerprint of the pod template (changes with every restart).
+    pub template: String,
+}
+
+/// FNV-1a over the template's JSON: stable across rekey builds, unlike std's hasher.
+fn fingerprint(t: &k8s_openapi::api::core::v1::PodTemplateSpec) -> String {
+    let json = serde_json::to_string(t).unwrap_or_default();
+    let h = json.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("{h:016x}")
 }
 
 pub struct Workloads {
@@ -80,6 +91,7 @@ impl Workloads {
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
                     stamped: stamp(&spec.template),
+                    template: fingerprint(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),
@@ -97,6 +109,7 @@ impl Workloads {
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
                     stamped: stamp(&spec.template),
+                    template: fingerprint(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),
@@ -115,6 +128,7 @@ impl Workloads {
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
                     stamped: stamp(&spec.template),
+                    template: fingerprint(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),

@@ -85,7 +85,7 @@ impl Keycloak {
                         ("client_secret", secret.expose().into()),
                     ]
                 }
-                Err(_) => {
+                Err(e) if matches!(e.reason, "SecretKeyMissing") => {
                     let user = read_secret_key(&self.ctx, ns, name, "username").await?;
                     let password = read_secret_key(&self.ctx, ns, name, "password").await?;
                     vec![
@@ -95,6 +95,7 @@ impl Keycloak {
                         ("password", password.expose().into()),
                     ]
                 }
+                Err(e) => return Err(e),
             };
         let realm = self.spec.admin_realm.as_deref().unwrap_or("master");
         let started = Instant::now();
@@ -377,6 +378,10 @@ impl CredentialSource for Keycloak {
                 ),
             )),
         }
+    }
+
+    fn old_value_expires(&self) -> bool {
+        true
     }
 
     async fn prepare_issue(&self) -> Result<String> {

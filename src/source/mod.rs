@@ -50,6 +50,11 @@ pub trait CredentialSource: Send + Sync {
     }
     /// Obtains the new value.
     async fn issue(&self, rotation_id: &str, marker: &str) -> Result<SecretValue>;
+    /// Whether the identity provider expires the old value on its own timer
+    /// (then writing it back on failure would only postpone an outage).
+    fn old_value_expires(&self) -> bool {
+        false
+    }
     /// Proves the new value works, where the provider allows it.
     async fn verify(&self, _value: &SecretValue) -> Result<()> {
         Ok(())

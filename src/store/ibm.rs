@@ -160,12 +160,24 @@ impl IbmSecretsManagerStore {
             };
             self.metrics
                 .provider_call(PROVIDER, call, outcome, started.elapsed());
-            let retryable = match &resp {
-                Err(_) => true,
-                Ok(r) => {
-                    r.status() == StatusCode::TOO_MANY_REQUESTS || r.status().is_server_error()
-                }
-            };
+            // Only reads are retried here: a POST that timed out may have
+            // created a version; the caller re-checks before creating again.
+            let retryable = method == Method::GET
+                && match &resp {
+                    Err(_) => true,
+                    Ok(r) => {
+                        r.status() == StatusCode::TOO_MANY_REQUESTS
+                            || r.status().is_server_error()
+                            || r.status() == StatusCode::UNAUTHORIZED
+                    }
+                };
+            if resp
+                .as_ref()
+                .is_ok_and(|r| r.status() == StatusCode::UNAUTHORIZED)
+            {
+                // An expired or revoked token: forget it, the next attempt gets a new one.
+                *self.token.lock().await = None;
+            }
             if retryable && attempt < 4 {
                 let jitter = Duration::from_millis(
                     rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1),
@@ -189,10 +201,6 @@ impl IbmSecretsManagerStore {
                         format!("IBM Secrets Manager {call}: response is not JSON"),
                     )
                 });
-            }
-            if status == StatusCode::UNAUTHORIZED {
-                // A revoked token: forget it, the next attempt gets a new one.
-                *self.token.lock().await = None;
             }
             return Err(map_status(status, call, &self.target));
         }
@@ -347,19 +355,26 @@ impl Store for IbmSecretsManagerStore {
             )
             .await?;
         let version = created["id"].as_str().unwrap_or_default().to_string();
-        // Verify: the current version is the one just written.
-        let meta = self
-            .call(Method::GET, &meta_path, "get_version_metadata", None)
-            .await?;
-        if meta["id"].as_str() != Some(version.as_str()) {
-            return Err(Error::transient(
+        // Verify: the current version is the one just written (allowing the
+        // service a moment). Not current after that is not retried by
+        // creating again: it needs a person to look.
+        for _ in 0..10 {
+            let meta = self
+                .call(Method::GET, &meta_path, "get_version_metadata", None)
+                .await?;
+            if meta["id"].as_str() == Some(version.as_str()) {
+                return Ok(version);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        {
+            return Err(Error::permanent(
                 "IbmWriteNotCurrent",
                 format!(
                     "IBM secret {id}: version {version} was created but is not the current version"
                 ),
             ));
         }
-        Ok(version)
     }
 
     async fn preflight(&self) -> Result<()> {

@@ -21,15 +21,23 @@ pub struct KubernetesSecretStore {
     api: Api<Secret>,
     name: String,
     key: String,
+    /// Server-side apply field manager of this target (at most 128 chars).
+    manager: String,
 }
 
 impl KubernetesSecretStore {
-    pub fn new(client: Client, t: &KubernetesSecretTarget, default_namespace: &str) -> Self {
+    pub fn new(
+        client: Client,
+        t: &KubernetesSecretTarget,
+        default_namespace: &str,
+        manager: &str,
+    ) -> Self {
         let ns = t.namespace.as_deref().unwrap_or(default_namespace);
         Self {
             api: Api::namespaced(client, ns),
             name: t.name.clone(),
             key: t.key.clone(),
+            manager: manager.chars().take(128).collect(),
         }
     }
 
@@ -97,7 +105,7 @@ impl Store for KubernetesSecretStore {
             .api
             .patch(
                 &self.name,
-                &PatchParams::apply("rekey").force(),
+                &PatchParams::apply(&self.manager).force(),
                 &Patch::Apply(&patch),
             )
             .await

@@ -43,10 +43,13 @@ pub trait Store: Send + Sync {
 }
 
 /// Builds the store of a target; reads its credentials from Secrets in `namespace`.
+/// `rotation` names the SecretRotation, so that writes of different
+/// rotations and targets to one Secret do not take each other's fields.
 pub async fn for_target(
     target: &Target,
     ctx: &crate::controller::Context,
     namespace: &str,
+    rotation: &str,
 ) -> Result<Box<dyn Store>> {
     use crate::source::read_secret_key;
     if let Some(k) = &target.kubernetes_secret {
@@ -54,6 +57,7 @@ pub async fn for_target(
             ctx.client.clone(),
             k,
             namespace,
+            &format!("rekey/{namespace}/{rotation}/{}", target.name),
         )));
     }
     if let Some(t) = &target.ibm_secrets_manager {

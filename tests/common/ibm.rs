@@ -58,6 +58,9 @@ pub struct Inner {
     pub calls: Vec<String>,
     /// Answer the next N version writes with this status (e.g. 503) first.
     pub fail_next_writes: Vec<u16>,
+    /// Create the next N versions, then answer with this status anyway (a
+    /// response lost after the service did the work).
+    pub fail_after_create: Vec<u16>,
 }
 
 #[derive(Clone, Default)]
@@ -430,7 +433,16 @@ async fn create_version(
         locks: vec![],
     });
     let idx = sec.versions.len() - 1;
-    (StatusCode::CREATED, axum::Json(sec.version_json(idx, true))).into_response()
+    let created = sec.version_json(idx, true);
+    if !st.fail_after_create.is_empty() {
+        let code = st.fail_after_create.remove(0);
+        return error(
+            StatusCode::from_u16(code).unwrap(),
+            "injected",
+            "injected failure after create",
+        );
+    }
+    (StatusCode::CREATED, axum::Json(created)).into_response()
 }
 
 async fn version_metadata(
