@@ -129,17 +129,27 @@ async fn a_rollout_that_never_completes_leaves_the_old_secret_valid() {
     let _op = Operator::start(c, &ns);
     let mut spec = keycloak_spec(&kc.url, &realm);
     spec["proof"]["timeout"] = json!("20s");
+    spec["onFailure"] = json!("Rollback");
     create_rotation(&client, &ns, "ai-component", spec).await;
     let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;
-    assert_eq!(
-        sr.status
-            .unwrap()
-            .last_rotation
-            .unwrap()
-            .failure
-            .unwrap()
-            .reason,
-        "RolloutTimeout"
+    let last = sr.status.unwrap().last_rotation.unwrap();
+    let failure = last.failure.unwrap();
+    assert_eq!(failure.reason, "RolloutTimeout");
+    // Keycloak expires the old secret on its own: writing it back would only
+    // postpone the outage, so the new (valid) secret stays in the store.
+    assert!(!last.rolled_back);
+    assert!(
+        failure.message.contains("Rollback not applied"),
+        "{}",
+        failure.message
+    );
+    let stored = read_key(&client, &ns, "source", "client_secret")
+        .await
+        .unwrap();
+    assert_ne!(stored, old);
+    assert!(
+        kc.token_ok(&realm, "ai-component", &stored).await,
+        "the stored secret works"
     );
     assert!(
         kc.token_ok(&realm, "ai-component", &old).await,

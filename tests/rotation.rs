@@ -927,3 +927,34 @@ async fn preflight_refuses_what_cannot_be_proven_and_dry_run_changes_nothing() {
     );
     assert_eq!(revisions(&client, &ns, "app").await, 1);
 }
+
+#[tokio::test]
+async fn a_spec_change_during_a_rotation_fails_it_without_invalidation() {
+    let (c, client, ns) = common::setup("specchange").await;
+    let old = common::canary("old");
+    let new = common::canary("new");
+    scene(c, &client, &ns, &old).await;
+    let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(webhook_credential(&url));
+    spec["proof"]["restart"] = json!("Await");
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    wait_phase(&client, &ns, "app-secret", Phase::AwaitingRollout, LONG).await;
+    // Someone points the rotation at another workload while it waits.
+    let api: Api<rekey::crd::SecretRotation> = Api::namespaced(client.clone(), &ns);
+    let patch =
+        json!({"spec": {"proof": {"workloads": [{"kind": "Deployment", "name": "other"}]}}});
+    api.patch("app-secret", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
+    let f = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(
+        (f.reason.as_str(), f.phase),
+        ("SpecChangedDuringRotation", Phase::AwaitingRollout)
+    );
+    assert!(
+        log.lock().unwrap().invalidated.is_empty(),
+        "the old value was never invalidated"
+    );
+}

@@ -340,8 +340,29 @@ fn urlencode(s: &str) -> String {
 
 #[async_trait]
 impl CredentialSource for Keycloak {
-    async fn preflight(&self, _current: Option<&SecretValue>) -> Result<()> {
-        let (_, client) = self.client().await?;
+    async fn preflight(&self, current: Option<&SecretValue>) -> Result<()> {
+        let (id, client) = self.client().await?;
+        // Regenerating pushes the secret the stores hold into the rotated
+        // slot; if they hold anything else (say, the rotated secret of an
+        // unfinished rotation), that value would die at once.
+        if let Some(current) = current {
+            let secret = self
+                .admin(
+                    Method::GET,
+                    &format!("/clients/{id}/client-secret"),
+                    "read_client_secret",
+                )
+                .await?;
+            if secret["value"].as_str() != Some(current.expose()) {
+                return Err(Error::permanent(
+                    "KeycloakTargetsOutOfSync",
+                    format!(
+                        "the first target does not hold client {}'s current secret: finish or repair the previous rotation first",
+                        self.spec.client_id
+                    ),
+                ));
+            }
+        }
         if client["publicClient"].as_bool() == Some(true) {
             return Err(Error::permanent(
                 "KeycloakClientNotConfidential",
