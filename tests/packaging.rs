@@ -141,14 +141,7 @@ async fn chart_installs_under_restricted_pod_security_and_its_rbac_is_enough() {
     // The real binary, with exactly the chart's ServiceAccount permissions.
     let kubeconfig = service_account_kubeconfig(c, &release_ns);
     let op = Operator::start_with_kubeconfig(c, &ns, kubeconfig);
-    create_rotation(
-        &client,
-        &ns,
-        "app-secret",
-        rotation_spec(json!({"generated": {}})),
-    )
-    .await;
-    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    generated_rotation_succeeds(&client, &ns, "app-secret").await;
     assert!(
         !op.logs().contains("forbidden"),
         "no permission was missing"
@@ -389,14 +382,7 @@ async fn leader_election_lets_one_replica_work_and_fails_over() {
     })
     .await;
     let second = Operator::start_with_args(c, &ns, c.kubeconfig.clone(), &args);
-    create_rotation(
-        &client,
-        &ns,
-        "app-secret",
-        rotation_spec(json!({"generated": {}})),
-    )
-    .await;
-    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    generated_rotation_succeeds(&client, &ns, "app-secret").await;
     assert!(first.logs().contains("rotation finished"));
     assert!(
         !second.logs().contains("became leader") && !second.logs().contains("phase changed"),

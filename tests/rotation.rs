@@ -602,14 +602,7 @@ async fn idle_reconciles_write_nothing() {
     let (c, client, ns) = common::setup("idle").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     let _op = Operator::start(c, &ns);
-    create_rotation(
-        &client,
-        &ns,
-        "app-secret",
-        rotation_spec(json!({"generated": {}})),
-    )
-    .await;
-    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    generated_rotation_succeeds(&client, &ns, "app-secret").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A label change makes the controller reconcile; it has nothing to do.
     let api: Api<rekey::crd::SecretRotation> = Api::namespaced(client.clone(), &ns);

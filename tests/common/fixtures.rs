@@ -375,3 +375,10 @@ pub async fn block_new_pods(client: &Client, ns: &str, pods: u32) {
 pub fn webhook_credential(url: &str) -> Value {
     json!({"webhook": {"issueUrl": format!("{url}/issue"), "invalidateUrl": format!("{url}/invalidate")}})
 }
+
+/// Creates a SecretRotation with a generated value for the usual scene and
+/// waits until it succeeded.
+pub async fn generated_rotation_succeeds(client: &Client, ns: &str, name: &str) -> SecretRotation {
+    create_rotation(client, ns, name, rotation_spec(json!({"generated": {}}))).await;
+    wait_phase(client, ns, name, Phase::Succeeded, Duration::from_secs(120)).await
+}
