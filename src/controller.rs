@@ -610,8 +610,7 @@ impl Reconciler {
         let eso = ExternalSecrets::new(self.ctx.client.clone(), &self.namespace);
         let mut waiting = vec![];
         for es in &self.sr.spec.proof.external_secrets {
-            eso.request_refresh(&es.name, token).await?;
-            if let SyncState::Waiting(why) = eso.state(es, expected).await? {
+            if let SyncState::Waiting(why) = eso.refresh_and_check(es, token, expected).await? {
                 waiting.push(why);
             }
         }
@@ -739,8 +738,7 @@ impl Reconciler {
         let eso = ExternalSecrets::new(self.ctx.client.clone(), &self.namespace);
         let mut waiting = vec![];
         for es in &self.sr.spec.proof.external_secrets {
-            eso.request_refresh(&es.name, &token).await?;
-            if eso.state(es, &record.new).await? == SyncState::Synced {
+            if eso.refresh_and_check(es, &token, &record.new).await? == SyncState::Synced {
                 waiting.push(format!(
                     "ExternalSecret {} still delivers the new value",
                     es.name
@@ -1137,14 +1135,9 @@ fn waits_for_a_person(phase: Phase) -> bool {
     )
 }
 
-/// Fingerprint (FNV-1a of the JSON) of what a rotation acts on.
+/// Fingerprint of what a rotation acts on.
 fn spec_fingerprint(spec: &SecretRotationSpec) -> String {
-    let json =
-        serde_json::to_string(&(&spec.credential, &spec.targets, &spec.proof)).unwrap_or_default();
-    let h = json.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    format!("{h:016x}")
+    crate::fingerprint::of_json(&(&spec.credential, &spec.targets, &spec.proof))
 }
 
 /// A rotation id: sortable by time, unique, safe as an idempotency key.

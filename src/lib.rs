@@ -7,6 +7,7 @@ pub mod crd;
 pub mod decide;
 pub mod duration;
 pub mod error;
+pub mod fingerprint;
 pub mod leader;
 pub mod metrics;
 pub mod proof;

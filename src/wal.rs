@@ -125,15 +125,11 @@ impl Wal {
             type_: Some("Opaque".into()),
             ..Default::default()
         };
-        let mut body = serde_json::to_value(&secret)
-            .map_err(|_| Error::permanent("Internal", "encode record"))?;
-        body["apiVersion"] = "v1".into();
-        body["kind"] = "Secret".into();
         self.api
             .patch(
                 &self.name,
                 &PatchParams::apply("rekey").force(),
-                &Patch::Apply(&body),
+                &Patch::Apply(&secret),
             )
             .await
             .map_err(|e| Error::kube("write write-ahead record", e))?;

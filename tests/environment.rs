@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
@@ -92,88 +91,26 @@ fn ar(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("external-secrets.io", "v1", kind))
 }
 
-fn secret(name: &str, data: serde_json::Value) -> Secret {
-    serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap()
-}
-
-fn read_key(s: &Secret, key: &str) -> Option<String> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-}
-
 #[tokio::test]
 async fn eso_syncs_and_refreshes_on_request() {
+    use common::fixtures::{external_secret, kubernetes_secret_store, put_secret, read_key};
     let (c, client, ns) = common::setup("eso").await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let first = common::canary("first");
-    secrets
-        .create(
-            &PostParams::default(),
-            &secret("source", json!({"password": first})),
-        )
-        .await
-        .unwrap();
-    secrets
-        .create(
-            &PostParams::default(),
-            &secret(
-                "eso-auth",
-                json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem}),
-            ),
-        )
-        .await
-        .unwrap();
-
-    let store: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore",
-        "metadata": {"name": "cluster-secrets"},
-        "spec": {"provider": {"kubernetes": {
-            "remoteNamespace": ns,
-            "server": {"url": c.api_url, "caBundle": base64_encode(&c.ca_pem)},
-            "auth": {"cert": {
-                "clientCert": {"name": "eso-auth", "key": "tls.crt"},
-                "clientKey": {"name": "eso-auth", "key": "tls.key"}
-            }}
-        }}}
-    }))
-    .unwrap();
-    Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar("SecretStore"))
-        .create(&PostParams::default(), &store)
-        .await
-        .unwrap();
-    let es: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
-        "metadata": {"name": "app-creds"},
-        "spec": {
-            "refreshInterval": "1h",
-            "secretStoreRef": {"kind": "SecretStore", "name": "cluster-secrets"},
-            "target": {"name": "app-creds"},
-            "data": [{"secretKey": "password", "remoteRef": {"key": "source", "property": "password"}}]
-        }
-    }))
-    .unwrap();
-    let ess = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar("ExternalSecret"));
-    ess.create(&PostParams::default(), &es).await.unwrap();
+    put_secret(&client, &ns, "source", json!({"client_secret": first})).await;
+    kubernetes_secret_store(c, &client, &ns).await;
+    external_secret(&client, &ns, "app-creds", "source").await;
+    let synced = || read_key(&client, &ns, "app-creds", "client_secret");
 
     let took = common::wait_for("first sync", Duration::from_secs(60), || async {
-        let s = secrets.get_opt("app-creds").await.unwrap();
-        s.and_then(|s| read_key(&s, "password")).as_deref() == Some(first.as_str())
+        synced().await.as_deref() == Some(first.as_str())
     })
     .await;
     eprintln!("first sync in {took:?}");
 
     let second = common::canary("second");
-    secrets
-        .patch(
-            "source",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"stringData": {"password": second}})),
-        )
-        .await
-        .unwrap();
+    put_secret(&client, &ns, "source", json!({"client_secret": second})).await;
     // Without a refresh request nothing changes for an hour; ask for one.
+    let ess = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar("ExternalSecret"));
     let ask = json!({"metadata": {"annotations": {"force-sync": "1"}}});
     ess.patch("app-creds", &PatchParams::default(), &Patch::Merge(&ask))
         .await
@@ -181,10 +118,7 @@ async fn eso_syncs_and_refreshes_on_request() {
     let took = common::wait_for(
         "refresh after force-sync",
         Duration::from_secs(30),
-        || async {
-            let s = secrets.get("app-creds").await.unwrap();
-            read_key(&s, "password").as_deref() == Some(second.as_str())
-        },
+        || async { synced().await.as_deref() == Some(second.as_str()) },
     )
     .await;
     eprintln!("refresh on request in {took:?}");
@@ -192,11 +126,6 @@ async fn eso_syncs_and_refreshes_on_request() {
         took < Duration::from_secs(30),
         "refresh took {took:?}, refreshInterval is 1h"
     );
-}
-
-fn base64_encode(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 fn alive(pid: u32) -> bool {

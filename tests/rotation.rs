@@ -282,15 +282,7 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
         json!({"client_secret": common::canary("other")}),
     )
     .await;
-    external_secret(
-        &client,
-        &ns,
-        "wrong-source",
-        "client_secret",
-        "elsewhere",
-        "client_secret",
-    )
-    .await;
+    external_secret(&client, &ns, "wrong-source", "elsewhere").await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(c, &ns);
     let mut spec = rotation_spec(webhook_credential(&url));
@@ -869,20 +861,15 @@ async fn preflight_refuses_what_cannot_be_proven_and_dry_run_changes_nothing() {
         json!({"client_secret": common::canary("frozen")}),
     )
     .await;
-    let es: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret", "metadata": {"name": "frozen"},
-        "spec": {"refreshInterval": "0", "secretStoreRef": {"kind": "SecretStore", "name": "cluster-secrets"},
-            "target": {"name": "frozen"}, "data": [{"secretKey": "client_secret", "remoteRef": {"key": "frozen-src", "property": "client_secret"}}]}
-    }))
-    .unwrap();
-    Api::<kube::api::DynamicObject>::namespaced_with(
-        client.clone(),
+    external_secret_from(
+        &client,
         &ns,
-        &es_resource("ExternalSecret"),
+        "frozen",
+        "cluster-secrets",
+        json!({"key": "frozen-src", "property": "client_secret"}),
+        "0",
     )
-    .create(&PostParams::default(), &es)
-    .await
-    .unwrap();
+    .await;
     let _op = Operator::start(c, &ns);
 
     let mut frozen = rotation_spec(json!({"generated": {}}));

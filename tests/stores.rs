@@ -13,7 +13,6 @@ use common::fixtures::*;
 use common::ibm::IbmEmulator;
 use common::operator::Operator;
 use kube::Client;
-use kube::api::{Api, DynamicObject, PostParams};
 use rekey::crd::{AwsSecretsManagerTarget, IbmSecretsManagerTarget, LocalSecretRef, Phase};
 use rekey::store::Store;
 use rekey::store::aws::AwsSecretsManagerStore;
@@ -324,17 +323,13 @@ async fn aws_secret_store(client: &Client, ns: &str) {
         json!({"AWS_ACCESS_KEY_ID": AWS_KEY, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}),
     )
     .await;
-    let store: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore", "metadata": {"name": "aws"},
+    create_eso_object(client, ns, json!({
+        "kind": "SecretStore", "metadata": {"name": "aws"},
         "spec": {"provider": {"aws": {"service": "SecretsManager", "region": "us-east-1", "auth": {"secretRef": {
             "accessKeyIDSecretRef": {"name": "aws-creds", "key": "AWS_ACCESS_KEY_ID"},
             "secretAccessKeySecretRef": {"name": "aws-creds", "key": "AWS_SECRET_ACCESS_KEY"}}}}}}
     }))
-    .unwrap();
-    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("SecretStore"))
-        .create(&PostParams::default(), &store)
-        .await
-        .unwrap();
+    .await;
 }
 
 /// SecretStore `ibm` (ESO's IBM provider). ESO v0.16.2 ignores an IAM URL for
@@ -345,29 +340,12 @@ async fn ibm_secret_store(c: &Cluster, client: &Client, ns: &str, emu: &IbmEmula
     emu.add_cr_token(&token);
     let path = c.dir.join(format!("ibm-cr-token-{ns}"));
     std::fs::write(&path, &token).unwrap();
-    let store: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore", "metadata": {"name": "ibm"},
+    create_eso_object(client, ns, json!({
+        "kind": "SecretStore", "metadata": {"name": "ibm"},
         "spec": {"provider": {"ibm": {"serviceUrl": emu.url, "auth": {"containerAuth": {
             "profile": "rekey-eso", "tokenLocation": path.display().to_string(), "iamEndpoint": emu.url}}}}}
     }))
-    .unwrap();
-    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("SecretStore"))
-        .create(&PostParams::default(), &store)
-        .await
-        .unwrap();
-}
-
-async fn external_secret_from(client: &Client, ns: &str, name: &str, store: &str, remote: Value) {
-    let es: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret", "metadata": {"name": name},
-        "spec": {"refreshInterval": "1h", "secretStoreRef": {"kind": "SecretStore", "name": store},
-            "target": {"name": name}, "data": [{"secretKey": "client_secret", "remoteRef": remote}]}
-    }))
-    .unwrap();
-    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("ExternalSecret"))
-        .create(&PostParams::default(), &es)
-        .await
-        .unwrap();
+    .await;
 }
 
 async fn wait_synced(client: &Client, ns: &str, es: &str, value: &str) {
@@ -411,8 +389,16 @@ async fn multi_scene(
         .unwrap();
     ibm_secret_store(c, client, ns, &emu).await;
     aws_secret_store(client, ns).await;
-    external_secret_from(client, ns, "dev-creds", "ibm", json!({"key": ibm_id})).await;
-    external_secret_from(client, ns, "prod-creds", "aws", json!({"key": aws_name})).await;
+    external_secret_from(client, ns, "dev-creds", "ibm", json!({"key": ibm_id}), "1h").await;
+    external_secret_from(
+        client,
+        ns,
+        "prod-creds",
+        "aws",
+        json!({"key": aws_name}),
+        "1h",
+    )
+    .await;
     wait_synced(client, ns, "dev-creds", dev_old).await;
     wait_synced(client, ns, "prod-creds", prod_old).await;
     deployment(client, ns, "dev-app", 1, "dev-creds").await;

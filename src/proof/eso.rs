@@ -1,8 +1,6 @@
 //! ExternalSecret proof: request a refresh, then compare the synced Secret's
 //! data with the new value (never timestamps).
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
@@ -87,7 +85,20 @@ impl ExternalSecrets {
     }
 
     /// Asks ESO to sync now. Idempotent: the same token twice is one request.
-    pub async fn request_refresh(&self, name: &str, token: &str) -> Result<()> {
+    /// Asks ESO to sync now (idempotent per token) and reports whether the
+    /// ExternalSecret is Ready with its target Secret holding `expected`.
+    pub async fn refresh_and_check(
+        &self,
+        proof: &ExternalSecretProof,
+        token: &str,
+        expected: &SecretValue,
+    ) -> Result<SyncState> {
+        let es = self.request_refresh(&proof.name, token).await?;
+        self.state(&es, proof, expected).await
+    }
+
+    /// Returns the ExternalSecret as it is after the request.
+    async fn request_refresh(&self, name: &str, token: &str) -> Result<DynamicObject> {
         let es = self.get(name).await?;
         if es
             .metadata
@@ -97,24 +108,23 @@ impl ExternalSecrets {
             .map(String::as_str)
             == Some(token)
         {
-            return Ok(());
+            return Ok(es);
         }
         let patch =
             serde_json::json!({"metadata": {"annotations": {FORCE_SYNC_ANNOTATION: token}}});
         self.api
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|e| Error::kube("annotate ExternalSecret", e))?;
-        Ok(())
+            .map_err(|e| Error::kube("annotate ExternalSecret", e))
     }
 
     /// Whether the ExternalSecret is Ready and its target Secret holds `expected`.
-    pub async fn state(
+    async fn state(
         &self,
+        es: &DynamicObject,
         proof: &ExternalSecretProof,
         expected: &SecretValue,
     ) -> Result<SyncState> {
-        let es = self.get(&proof.name).await?;
         let ready = es
             .data
             .pointer("/status/conditions")
@@ -152,9 +162,4 @@ impl ExternalSecrets {
             )),
         })
     }
-}
-
-/// Annotations of a DynamicObject, for tests.
-pub fn annotations(o: &DynamicObject) -> BTreeMap<String, String> {
-    o.metadata.annotations.clone().unwrap_or_default()
 }

@@ -18,10 +18,8 @@ pub fn restart_annotation(rotation_name: &str) -> String {
         format!("{PREFIX}{rotation_name}")
     } else {
         // Annotation names are at most 63 characters: shorten, keep unique.
-        let hash = rotation_name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100000001b3)
-        });
-        format!("{PREFIX}{}-{hash:016x}", &rotation_name[..46])
+        let hash = crate::fingerprint::fnv1a(rotation_name.as_bytes());
+        format!("{PREFIX}{}-{hash}", &rotation_name[..46])
     }
 }
 
@@ -33,15 +31,6 @@ pub struct Observed {
     pub stamped: Option<String>,
     /// Fingerprint of the pod template (changes with every restart).
     pub template: String,
-}
-
-/// FNV-1a over the template's JSON: stable across rekey builds, unlike std's hasher.
-fn fingerprint(t: &k8s_openapi::api::core::v1::PodTemplateSpec) -> String {
-    let json = serde_json::to_string(t).unwrap_or_default();
-    let h = json.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
-    format!("{h:016x}")
 }
 
 pub struct Workloads {
@@ -91,7 +80,7 @@ impl Workloads {
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
                     stamped: stamp(&spec.template),
-                    template: fingerprint(&spec.template),
+                    template: crate::fingerprint::of_json(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),
@@ -109,7 +98,7 @@ impl Workloads {
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
                     stamped: stamp(&spec.template),
-                    template: fingerprint(&spec.template),
+                    template: crate::fingerprint::of_json(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),
@@ -128,7 +117,7 @@ impl Workloads {
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
                     stamped: stamp(&spec.template),
-                    template: fingerprint(&spec.template),
+                    template: crate::fingerprint::of_json(&spec.template),
                     facts: RolloutFacts {
                         generation: d.metadata.generation.unwrap_or(0),
                         observed_generation: s.observed_generation.unwrap_or(0),

@@ -40,6 +40,9 @@ pub struct Keycloak {
     spec: KeycloakSource,
     namespace: String,
     old_value_valid_for: String,
+    /// The admin token, fetched once per step (an instance lives for one
+    /// reconcile; Keycloak's admin tokens live for a minute or more).
+    token: tokio::sync::Mutex<Option<SecretValue>>,
 }
 
 impl Keycloak {
@@ -54,6 +57,7 @@ impl Keycloak {
             spec: spec.clone(),
             namespace: namespace.into(),
             old_value_valid_for: old_value_valid_for.into(),
+            token: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -73,6 +77,10 @@ impl Keycloak {
     /// An admin access token, from the referenced Secret: `username` and
     /// `password` (admin-cli password grant) or `clientId` and `clientSecret`.
     async fn admin_token(&self) -> Result<SecretValue> {
+        let mut cached = self.token.lock().await;
+        if let Some(token) = cached.as_ref() {
+            return Ok(token.clone());
+        }
         let name = &self.spec.admin_secret_ref.name;
         let ns = &self.namespace;
         let form: Vec<(&str, String)> =
@@ -141,7 +149,9 @@ impl Keycloak {
         let t: Token = resp.json().await.map_err(|_| {
             Error::transient("KeycloakError", "Keycloak admin token: no access_token")
         })?;
-        Ok(SecretValue::new(t.access_token))
+        let token = SecretValue::new(t.access_token);
+        *cached = Some(token.clone());
+        Ok(token)
     }
 
     /// One admin API call; returns the JSON body (Null when empty).

@@ -97,10 +97,7 @@ impl Store for KubernetesSecretStore {
             )])),
             ..Default::default()
         };
-        let mut patch = serde_json::to_value(&patch)
-            .map_err(|_| Error::permanent("Internal", "encode Secret"))?;
-        patch["apiVersion"] = "v1".into();
-        patch["kind"] = "Secret".into();
+        // A typed Secret serializes its apiVersion and kind, as apply needs.
         let written = self
             .api
             .patch(

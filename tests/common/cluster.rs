@@ -672,10 +672,6 @@ kill -KILL 0"#;
         self.children.iter().map(|(_, c)| c.id()).collect()
     }
 
-    pub fn log_of(&self, component: &str) -> String {
-        fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default()
-    }
-
     /// Stops every component (also done by the watchdog when this process ends).
     pub fn stop(&mut self) {
         // Closing the pipe wakes the watchdog, which kills the group.

@@ -77,50 +77,76 @@ pub async fn kubernetes_secret_store(c: &Cluster, client: &Client, ns: &str) {
         json!({"tls.crt": c.admin_cert_pem, "tls.key": c.admin_key_pem}),
     )
     .await;
-    let store: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "SecretStore",
-        "metadata": {"name": "cluster-secrets"},
-        "spec": {"provider": {"kubernetes": {
-            "remoteNamespace": ns,
-            "server": {"url": c.api_url, "caBundle": b64(&c.ca_pem)},
-            "auth": {"cert": {
-                "clientCert": {"name": "eso-auth", "key": "tls.crt"},
-                "clientKey": {"name": "eso-auth", "key": "tls.key"}
-            }}
-        }}}
-    }))
-    .unwrap();
-    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("SecretStore"))
-        .create(&PostParams::default(), &store)
+    create_eso_object(
+        client,
+        ns,
+        json!({
+            "kind": "SecretStore",
+            "metadata": {"name": "cluster-secrets"},
+            "spec": {"provider": {"kubernetes": {
+                "remoteNamespace": ns,
+                "server": {"url": c.api_url, "caBundle": b64(&c.ca_pem)},
+                "auth": {"cert": {
+                    "clientCert": {"name": "eso-auth", "key": "tls.crt"},
+                    "clientKey": {"name": "eso-auth", "key": "tls.key"}
+                }}
+            }}}
+        }),
+    )
+    .await;
+}
+
+/// Creates an external-secrets.io/v1 object (`kind` taken from `object`).
+pub async fn create_eso_object(client: &Client, ns: &str, mut object: Value) {
+    object["apiVersion"] = json!("external-secrets.io/v1");
+    let kind = object["kind"].as_str().unwrap().to_string();
+    let object: DynamicObject = serde_json::from_value(object).unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource(&kind))
+        .create(&PostParams::default(), &object)
         .await
         .unwrap();
 }
 
-/// An ExternalSecret `name` whose target Secret `name` gets key `key` from
-/// Secret `source` key `source_key` (read through the SecretStore).
-pub async fn external_secret(
+/// An ExternalSecret `name` reading `remote_ref` from SecretStore `store`
+/// into key `client_secret` of its target Secret `name`.
+pub async fn external_secret_from(
     client: &Client,
     ns: &str,
     name: &str,
-    key: &str,
-    source: &str,
-    source_key: &str,
+    store: &str,
+    remote_ref: Value,
+    refresh_interval: &str,
 ) {
-    let es: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
-        "metadata": {"name": name},
-        "spec": {
-            "refreshInterval": "1h",
-            "secretStoreRef": {"kind": "SecretStore", "name": "cluster-secrets"},
-            "target": {"name": name},
-            "data": [{"secretKey": key, "remoteRef": {"key": source, "property": source_key}}]
-        }
-    }))
-    .unwrap();
-    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("ExternalSecret"))
-        .create(&PostParams::default(), &es)
-        .await
-        .unwrap();
+    create_eso_object(
+        client,
+        ns,
+        json!({
+            "kind": "ExternalSecret",
+            "metadata": {"name": name},
+            "spec": {
+                "refreshInterval": refresh_interval,
+                "secretStoreRef": {"kind": "SecretStore", "name": store},
+                "target": {"name": name},
+                "data": [{"secretKey": "client_secret", "remoteRef": remote_ref}]
+            }
+        }),
+    )
+    .await;
+}
+
+/// An ExternalSecret `name` whose target Secret `name` gets key
+/// `client_secret` from Secret `source` key `client_secret`, through the
+/// kubernetes SecretStore, refreshed hourly.
+pub async fn external_secret(client: &Client, ns: &str, name: &str, source: &str) {
+    external_secret_from(
+        client,
+        ns,
+        name,
+        "cluster-secrets",
+        json!({"key": source, "property": "client_secret"}),
+        "1h",
+    )
+    .await;
 }
 
 /// A Deployment whose containers read `secret` through an env var.
@@ -178,15 +204,7 @@ pub async fn scene(c: &Cluster, client: &Client, ns: &str, initial: &str) {
     install_crd(c);
     put_secret(client, ns, "source", json!({"client_secret": initial})).await;
     kubernetes_secret_store(c, client, ns).await;
-    external_secret(
-        client,
-        ns,
-        "app-creds",
-        "client_secret",
-        "source",
-        "client_secret",
-    )
-    .await;
+    external_secret(client, ns, "app-creds", "source").await;
     super::wait_for("initial ESO sync", Duration::from_secs(60), || async {
         read_key(client, ns, "app-creds", "client_secret")
             .await
