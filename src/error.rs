@@ -2,12 +2,14 @@
 //! provider response bodies and secret values never reach it, so an error may
 //! go to logs, status and Events as it is.
 
+use crate::reason::{Reason, Retry};
+
 /// An error of a rotation step.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{reason}: {message}")]
 pub struct Error {
-    /// CamelCase reason, used as condition reason and metric label.
-    pub reason: &'static str,
+    /// Used as condition reason and metric label.
+    pub reason: Reason,
     /// Human-readable, safe to show.
     pub message: String,
     /// Transient errors are retried with backoff; permanent ones fail the rotation.
@@ -15,7 +17,8 @@ pub struct Error {
 }
 
 impl Error {
-    pub fn permanent(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn permanent(reason: Reason, message: impl Into<String>) -> Self {
+        debug_assert_ne!(reason.retry(), Retry::UntilTimeout, "{reason}");
         Self {
             reason,
             message: message.into(),
@@ -23,7 +26,8 @@ impl Error {
         }
     }
 
-    pub fn transient(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn transient(reason: Reason, message: impl Into<String>) -> Self {
+        debug_assert_ne!(reason.retry(), Retry::Never, "{reason}");
         Self {
             reason,
             message: message.into(),
@@ -41,14 +45,14 @@ impl Error {
             other => other.to_string(),
         };
         Self {
-            reason: "KubernetesApiError",
+            reason: Reason::KubernetesApiError,
             message: format!("{context}: {detail}"),
             permanent,
         }
     }
 
     /// Wraps an HTTP client error without its body or URL query.
-    pub fn http(reason: &'static str, context: &str, err: &reqwest::Error) -> Self {
+    pub fn http(reason: Reason, context: &str, err: &reqwest::Error) -> Self {
         let kind = if err.is_timeout() {
             "timeout"
         } else if err.is_connect() {

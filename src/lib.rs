@@ -2,15 +2,18 @@
 //! value is taken away. See docs/concepts.md.
 #![forbid(unsafe_code)]
 
-pub mod controller;
 pub mod crd;
 pub mod decide;
+pub mod deps;
 pub mod duration;
 pub mod error;
 pub mod fingerprint;
 pub mod leader;
+pub mod machine;
 pub mod metrics;
+pub mod plan;
 pub mod proof;
+pub mod reason;
 pub mod server;
 pub mod source;
 pub mod store;

@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let client = kube::Client::try_default().await?;
             let metrics = rekey::metrics::Metrics::new();
-            let ctx = rekey::controller::Context::new(client, metrics.clone(), poll);
+            let ctx = rekey::machine::Context::new(client, metrics.clone(), poll);
             tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
             let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics));
             if let Some(ns) = leader_election_namespace {
@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
             }
             tokio::select! {
                 r = serve => r??,
-                _ = rekey::controller::run(ctx, namespaces) => {},
+                _ = rekey::machine::run(ctx, namespaces) => {},
             }
         }
     }

@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::crd::Phase;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RotationLabels {
     pub namespace: String,
@@ -174,14 +176,14 @@ impl Metrics {
     }
 
     /// Sets the phase gauge of one SecretRotation (1 for `phase`, 0 for others it had).
-    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) {
-        for p in crate::controller::ALL_PHASES {
+    pub fn set_phase(&self, namespace: &str, name: &str, phase: Phase) {
+        for p in Phase::ALL {
             let l = PhaseLabels {
                 namespace: namespace.into(),
                 name: name.into(),
-                phase: format!("{p:?}"),
+                phase: p.as_str().into(),
             };
-            if format!("{p:?}") == phase {
+            if p == phase {
                 self.current_phase.get_or_create(&l).set(1);
             } else if self.current_phase.get(&l).is_some() {
                 self.current_phase.get_or_create(&l).set(0);

@@ -12,9 +12,10 @@ use kube::{Client, Resource};
 
 use crate::crd::SecretRotation;
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
-pub const WAL_LABEL: &str = "rekey.dev/write-ahead-record";
+use crate::crd::keys::WAL_LABEL;
 const ROTATION_KEY: &str = "rotation-id";
 const NEW_KEY: &str = "new";
 const PREVIOUS_PREFIX: &str = "previous.";
@@ -107,7 +108,7 @@ impl Wal {
         }
         let owner = sr
             .controller_owner_ref(&())
-            .ok_or_else(|| Error::permanent("Internal", "SecretRotation has no uid"))?;
+            .ok_or_else(|| Error::permanent(Reason::Internal, "SecretRotation has no uid"))?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),

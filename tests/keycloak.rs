@@ -194,11 +194,7 @@ async fn a_retried_issue_reads_the_secret_back_instead_of_regenerating() {
         .realm_with_client(&realm, "ai-component", Some(3600))
         .await;
     admin_secret(&client, &ns, kc).await;
-    let ctx = rekey::controller::Context::new(
-        client.clone(),
-        rekey::metrics::Metrics::new(),
-        Duration::from_secs(1),
-    );
+    let ctx = rekey::deps::Deps::new(client.clone(), rekey::metrics::Metrics::new());
     let spec = KeycloakSource {
         url: kc.url.clone(),
         realm: realm.clone(),

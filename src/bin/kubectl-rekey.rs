@@ -15,8 +15,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
+use rekey::crd::keys::{APPROVE_ANNOTATION, CONFIRM_ANNOTATION, ROTATE_ANNOTATION};
 use rekey::crd::{Phase, RotationSummary, SecretRotation};
-use rekey::decide::{APPROVE_ANNOTATION, CONFIRM_ANNOTATION, ROTATE_ANNOTATION};
 
 #[derive(Parser)]
 #[command(

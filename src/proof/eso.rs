@@ -9,11 +9,12 @@ use serde_json::Value;
 
 use crate::crd::ExternalSecretProof;
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
 /// ESO re-reads an ExternalSecret when its metadata changes; this is the
 /// annotation its documentation uses to force a sync.
-pub const FORCE_SYNC_ANNOTATION: &str = "force-sync";
+pub use crate::crd::keys::FORCE_SYNC_ANNOTATION;
 
 pub fn external_secret_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -60,7 +61,7 @@ impl ExternalSecrets {
             .map_err(|e| Error::kube("read ExternalSecret", e))?
             .ok_or_else(|| {
                 Error::permanent(
-                    "ExternalSecretNotFound",
+                    Reason::ExternalSecretNotFound,
                     format!("ExternalSecret {}/{name} not found", self.namespace),
                 )
             })
@@ -74,7 +75,7 @@ impl ExternalSecrets {
         let zero = crate::duration::parse(interval).is_some_and(|d| d.is_zero());
         if policy == "CreatedOnce" || (policy == "Periodic" && zero) {
             return Err(Error::permanent(
-                "RefreshNotHonoured",
+                Reason::RefreshNotHonoured,
                 format!(
                     "ExternalSecret {}/{} has refreshPolicy {policy} with refreshInterval {interval}: ESO ignores refresh requests, so the sync could never be proven",
                     self.namespace, proof.name

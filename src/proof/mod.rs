@@ -1,4 +1,62 @@
-//! Proof: ESO synced the new value, and the workloads rolled out on it.
+//! Proof: ESO synced the new value, and the workloads rolled out on it. Two
+//! small traits, so the machine can be driven by in-memory proofs in tests.
 
 pub mod eso;
 pub mod rollout;
+
+use async_trait::async_trait;
+
+use crate::crd::{ExternalSecretProof, WorkloadRef};
+use crate::error::Result;
+use crate::value::SecretValue;
+use eso::SyncState;
+use rollout::Observed;
+
+/// Reads and nudges the ExternalSecrets of one namespace.
+#[async_trait]
+pub trait SyncProof: Send + Sync {
+    /// Refuses an ExternalSecret that is missing or would ignore a refresh request.
+    async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()>;
+    /// Asks ESO to sync now (idempotent per token) and reports whether the
+    /// ExternalSecret is Ready with its target Secret holding `expected`.
+    async fn refresh_and_check(
+        &self,
+        proof: &ExternalSecretProof,
+        token: &str,
+        expected: &SecretValue,
+    ) -> Result<SyncState>;
+}
+
+/// Reads and restarts the workloads of one namespace.
+#[async_trait]
+pub trait RolloutProof: Send + Sync {
+    /// What the workload's status and pod template say now.
+    async fn observe(&self, w: &WorkloadRef, annotation: &str) -> Result<Observed>;
+    /// Stamps the pod template with `rotation_id`: exactly one rollout.
+    async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()>;
+}
+
+#[async_trait]
+impl SyncProof for eso::ExternalSecrets {
+    async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()> {
+        eso::ExternalSecrets::preflight(self, proof).await
+    }
+    async fn refresh_and_check(
+        &self,
+        proof: &ExternalSecretProof,
+        token: &str,
+        expected: &SecretValue,
+    ) -> Result<SyncState> {
+        eso::ExternalSecrets::refresh_and_check(self, proof, token, expected).await
+    }
+}
+
+#[async_trait]
+impl RolloutProof for rollout::Workloads {
+    async fn observe(&self, w: &WorkloadRef, annotation: &str) -> Result<Observed> {
+        rollout::Workloads::observe(self, w, annotation).await
+    }
+    async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()> {
+        rollout::Workloads::restart(self, w, annotation, rotation_id).await
+    }
+}

@@ -9,19 +9,9 @@ use kube::api::{Api, Patch, PatchParams};
 use crate::crd::{WorkloadKind, WorkloadRef};
 use crate::decide::RolloutFacts;
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 
-/// The pod-template annotation that restarts a workload, keyed per
-/// SecretRotation so two rotations of one workload do not undo each other.
-pub fn restart_annotation(rotation_name: &str) -> String {
-    const PREFIX: &str = "rotation.rekey.dev/";
-    if rotation_name.len() <= 63 {
-        format!("{PREFIX}{rotation_name}")
-    } else {
-        // Annotation names are at most 63 characters: shorten, keep unique.
-        let hash = crate::fingerprint::fnv1a(rotation_name.as_bytes());
-        format!("{PREFIX}{}-{hash}", &rotation_name[..46])
-    }
-}
+pub use crate::crd::keys::restart_annotation;
 
 /// What rekey observed of one workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,7 +30,7 @@ pub struct Workloads {
 
 fn not_found(kind: WorkloadKind, ns: &str, name: &str) -> Error {
     Error::permanent(
-        "WorkloadNotFound",
+        Reason::WorkloadNotFound,
         format!("{kind:?} {ns}/{name} not found"),
     )
 }

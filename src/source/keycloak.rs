@@ -24,11 +24,12 @@ use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use super::{CredentialSource, Invalidation, read_secret_key};
-use crate::controller::Context;
+use super::{CredentialSource, Invalidation};
 use crate::crd::KeycloakSource;
+use crate::deps::Deps;
 use crate::duration;
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
 const PROVIDER: &str = "keycloak";
@@ -36,7 +37,7 @@ const CREATION_TIME: &str = "client.secret.creation.time";
 const ROTATED_CREATION_TIME: &str = "client.secret.rotated.creation.time";
 
 pub struct Keycloak {
-    ctx: Context,
+    deps: Deps,
     spec: KeycloakSource,
     namespace: String,
     old_value_valid_for: String,
@@ -48,12 +49,12 @@ pub struct Keycloak {
 impl Keycloak {
     pub fn new(
         spec: &KeycloakSource,
-        ctx: &Context,
+        deps: &Deps,
         namespace: &str,
         old_value_valid_for: &str,
     ) -> Self {
         Self {
-            ctx: ctx.clone(),
+            deps: deps.clone(),
             spec: spec.clone(),
             namespace: namespace.into(),
             old_value_valid_for: old_value_valid_for.into(),
@@ -66,7 +67,7 @@ impl Keycloak {
     }
 
     fn observe(&self, call: &str, started: Instant, ok: bool) {
-        self.ctx.metrics.provider_call(
+        self.deps.metrics.provider_call(
             PROVIDER,
             call,
             if ok { "success" } else { "error" },
@@ -83,32 +84,31 @@ impl Keycloak {
         }
         let name = &self.spec.admin_secret_ref.name;
         let ns = &self.namespace;
-        let form: Vec<(&str, String)> =
-            match read_secret_key(&self.ctx, ns, name, "clientSecret").await {
-                Ok(secret) => {
-                    let id = read_secret_key(&self.ctx, ns, name, "clientId").await?;
-                    vec![
-                        ("grant_type", "client_credentials".into()),
-                        ("client_id", id.expose().into()),
-                        ("client_secret", secret.expose().into()),
-                    ]
-                }
-                Err(e) if matches!(e.reason, "SecretKeyMissing") => {
-                    let user = read_secret_key(&self.ctx, ns, name, "username").await?;
-                    let password = read_secret_key(&self.ctx, ns, name, "password").await?;
-                    vec![
-                        ("grant_type", "password".into()),
-                        ("client_id", "admin-cli".into()),
-                        ("username", user.expose().into()),
-                        ("password", password.expose().into()),
-                    ]
-                }
-                Err(e) => return Err(e),
-            };
+        let form: Vec<(&str, String)> = match self.deps.secret_key(ns, name, "clientSecret").await {
+            Ok(secret) => {
+                let id = self.deps.secret_key(ns, name, "clientId").await?;
+                vec![
+                    ("grant_type", "client_credentials".into()),
+                    ("client_id", id.expose().into()),
+                    ("client_secret", secret.expose().into()),
+                ]
+            }
+            Err(e) if e.reason == Reason::SecretKeyMissing => {
+                let user = self.deps.secret_key(ns, name, "username").await?;
+                let password = self.deps.secret_key(ns, name, "password").await?;
+                vec![
+                    ("grant_type", "password".into()),
+                    ("client_id", "admin-cli".into()),
+                    ("username", user.expose().into()),
+                    ("password", password.expose().into()),
+                ]
+            }
+            Err(e) => return Err(e),
+        };
         let realm = self.spec.admin_realm.as_deref().unwrap_or("master");
         let started = Instant::now();
         let resp = self
-            .ctx
+            .deps
             .http
             .post(format!(
                 "{}/realms/{realm}/protocol/openid-connect/token",
@@ -122,13 +122,18 @@ impl Keycloak {
             started,
             resp.as_ref().is_ok_and(|r| r.status().is_success()),
         );
-        let resp = resp
-            .map_err(|e| Error::http("KeycloakUnreachable", "Keycloak admin token request", &e))?;
+        let resp = resp.map_err(|e| {
+            Error::http(
+                Reason::KeycloakUnreachable,
+                "Keycloak admin token request",
+                &e,
+            )
+        })?;
         match resp.status() {
             s if s.is_success() => {}
             s if s.is_client_error() => {
                 return Err(Error::permanent(
-                    "KeycloakCredentialsRejected",
+                    Reason::KeycloakCredentialsRejected,
                     format!(
                         "Keycloak refused the admin credentials of Secret {name} (HTTP {})",
                         s.as_u16()
@@ -137,7 +142,7 @@ impl Keycloak {
             }
             s => {
                 return Err(Error::transient(
-                    "KeycloakError",
+                    Reason::KeycloakError,
                     format!("Keycloak admin token: HTTP {}", s.as_u16()),
                 ));
             }
@@ -147,7 +152,10 @@ impl Keycloak {
             access_token: String,
         }
         let t: Token = resp.json().await.map_err(|_| {
-            Error::transient("KeycloakError", "Keycloak admin token: no access_token")
+            Error::transient(
+                Reason::KeycloakError,
+                "Keycloak admin token: no access_token",
+            )
         })?;
         let token = SecretValue::new(t.access_token);
         *cached = Some(token.clone());
@@ -159,7 +167,7 @@ impl Keycloak {
         let token = self.admin_token().await?;
         let started = Instant::now();
         let resp = self
-            .ctx
+            .deps
             .http
             .request(
                 method,
@@ -174,8 +182,9 @@ impl Keycloak {
             started,
             resp.as_ref().is_ok_and(|r| r.status().is_success()),
         );
-        let resp =
-            resp.map_err(|e| Error::http("KeycloakUnreachable", &format!("Keycloak {call}"), &e))?;
+        let resp = resp.map_err(|e| {
+            Error::http(Reason::KeycloakUnreachable, &format!("Keycloak {call}"), &e)
+        })?;
         let status = resp.status();
         if !status.is_success() {
             let message = format!(
@@ -185,25 +194,25 @@ impl Keycloak {
             );
             return Err(match status {
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    Error::permanent("KeycloakCredentialsRejected", message)
+                    Error::permanent(Reason::KeycloakCredentialsRejected, message)
                 }
-                StatusCode::NOT_FOUND => Error::permanent("KeycloakNotFound", message),
+                StatusCode::NOT_FOUND => Error::permanent(Reason::KeycloakNotFound, message),
                 s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                    Error::transient("KeycloakError", message)
+                    Error::transient(Reason::KeycloakError, message)
                 }
-                _ => Error::permanent("KeycloakRejected", message),
+                _ => Error::permanent(Reason::KeycloakRejected, message),
             });
         }
         let text = resp
             .text()
             .await
-            .map_err(|e| Error::http("KeycloakError", &format!("Keycloak {call}"), &e))?;
+            .map_err(|e| Error::http(Reason::KeycloakError, &format!("Keycloak {call}"), &e))?;
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
         serde_json::from_str(&text).map_err(|_| {
             Error::transient(
-                "KeycloakError",
+                Reason::KeycloakError,
                 format!("Keycloak {call}: response is not JSON"),
             )
         })
@@ -227,7 +236,7 @@ impl Keycloak {
             .cloned()
             .ok_or_else(|| {
                 Error::permanent(
-                    "KeycloakClientNotFound",
+                    Reason::KeycloakClientNotFound,
                     format!(
                         "client {} not found in realm {}",
                         self.spec.client_id, self.spec.realm
@@ -365,7 +374,7 @@ impl CredentialSource for Keycloak {
                 .await?;
             if secret["value"].as_str() != Some(current.expose()) {
                 return Err(Error::permanent(
-                    "KeycloakTargetsOutOfSync",
+                    Reason::KeycloakTargetsOutOfSync,
                     format!(
                         "the first target does not hold client {}'s current secret: finish or repair the previous rotation first",
                         self.spec.client_id
@@ -375,13 +384,13 @@ impl CredentialSource for Keycloak {
         }
         if client["publicClient"].as_bool() == Some(true) {
             return Err(Error::permanent(
-                "KeycloakClientNotConfidential",
+                Reason::KeycloakClientNotConfidential,
                 format!("client {} is public: it has no secret", self.spec.client_id),
             ));
         }
         if client["serviceAccountsEnabled"].as_bool() != Some(true) {
             return Err(Error::permanent(
-                "KeycloakCannotVerify",
+                Reason::KeycloakCannotVerify,
                 format!(
                     "client {} has no service account: rekey could not prove the new secret with a token request",
                     self.spec.client_id
@@ -394,7 +403,7 @@ impl CredentialSource for Keycloak {
         match self.rotated_lifetime(&client).await? {
             Some(secs) if secs >= window => Ok(()),
             Some(secs) => Err(Error::permanent(
-                "KeycloakGraceWindowTooShort",
+                Reason::KeycloakGraceWindowTooShort,
                 format!(
                     "the secret-rotation policy keeps the old secret of {} valid for {secs}s, less than oldValueValidFor ({window}s)",
                     self.spec.client_id
@@ -402,7 +411,7 @@ impl CredentialSource for Keycloak {
             )),
             None if self.spec.allow_immediate_invalidation => Ok(()),
             None => Err(Error::permanent(
-                "KeycloakRotationPolicyMissing",
+                Reason::KeycloakRotationPolicyMissing,
                 format!(
                     "no enabled client policy applies a secret-rotation executor to client {} in realm {}: regenerating would invalidate the old secret at once (enable the client-secret-rotation feature and add a policy, or set allowImmediateInvalidation)",
                     self.spec.client_id, self.spec.realm
@@ -435,13 +444,15 @@ impl CredentialSource for Keycloak {
             .as_str()
             .filter(|v| !v.is_empty())
             .map(SecretValue::new)
-            .ok_or_else(|| Error::permanent("KeycloakError", "Keycloak returned no client secret"))
+            .ok_or_else(|| {
+                Error::permanent(Reason::KeycloakError, "Keycloak returned no client secret")
+            })
     }
 
     async fn verify(&self, value: &SecretValue) -> Result<()> {
         let started = Instant::now();
         let resp = self
-            .ctx
+            .deps
             .http
             .post(format!(
                 "{}/realms/{}/protocol/openid-connect/token",
@@ -462,7 +473,7 @@ impl CredentialSource for Keycloak {
         );
         let resp = resp.map_err(|e| {
             Error::http(
-                "KeycloakUnreachable",
+                Reason::KeycloakUnreachable,
                 "Keycloak token request with the new secret",
                 &e,
             )
@@ -471,7 +482,7 @@ impl CredentialSource for Keycloak {
             Ok(())
         } else {
             Err(Error::permanent(
-                "NewValueRejected",
+                Reason::NewValueRejected,
                 format!(
                     "Keycloak refused a token request with the new secret (HTTP {})",
                     resp.status().as_u16()

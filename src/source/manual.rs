@@ -6,24 +6,25 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use super::{CredentialSource, Invalidation, read_secret_key};
-use crate::controller::Context;
+use super::{CredentialSource, Invalidation};
 use crate::crd::ManualSource;
-use crate::decide::CONFIRM_ANNOTATION;
+use crate::crd::keys::CONFIRM_ANNOTATION;
+use crate::deps::Deps;
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
 pub struct Manual {
-    ctx: Context,
+    deps: Deps,
     namespace: String,
     name: String,
     key: String,
 }
 
 impl Manual {
-    pub fn new(spec: &ManualSource, ctx: &Context, namespace: &str) -> Self {
+    pub fn new(spec: &ManualSource, deps: &Deps, namespace: &str) -> Self {
         Self {
-            ctx: ctx.clone(),
+            deps: deps.clone(),
             namespace: namespace.into(),
             name: spec.secret_ref.name.clone(),
             key: spec.secret_ref.key.clone(),
@@ -34,10 +35,13 @@ impl Manual {
 #[async_trait]
 impl CredentialSource for Manual {
     async fn preflight(&self, current: Option<&SecretValue>) -> Result<()> {
-        let new = read_secret_key(&self.ctx, &self.namespace, &self.name, &self.key).await?;
+        let new = self
+            .deps
+            .secret_key(&self.namespace, &self.name, &self.key)
+            .await?;
         if current.is_some_and(|c| c.same_as(&new)) {
             return Err(Error::permanent(
-                "ManualValueUnchanged",
+                Reason::ManualValueUnchanged,
                 format!(
                     "Secret {}/{} key {} holds the value the targets already have: put the new value there first",
                     self.namespace, self.name, self.key
@@ -48,7 +52,9 @@ impl CredentialSource for Manual {
     }
 
     async fn issue(&self, _rotation_id: &str, _marker: &str) -> Result<SecretValue> {
-        read_secret_key(&self.ctx, &self.namespace, &self.name, &self.key).await
+        self.deps
+            .secret_key(&self.namespace, &self.name, &self.key)
+            .await
     }
 
     async fn invalidate(

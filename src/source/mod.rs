@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::controller::Context;
-use crate::crd::SecretRotation;
-use crate::error::{Error, Result};
+use crate::deps::Deps;
+use crate::error::Result;
+use crate::plan::SourcePlan;
 use crate::value::SecretValue;
 
 /// What happened when the old value was to be invalidated.
@@ -67,60 +67,23 @@ pub trait CredentialSource: Send + Sync {
     ) -> Result<Invalidation>;
 }
 
-/// Builds the source of a SecretRotation.
-pub fn for_rotation(sr: &SecretRotation, ctx: &Context) -> Result<Box<dyn CredentialSource>> {
-    let ns = sr.metadata.namespace.clone().unwrap_or_default();
-    let name = sr.metadata.name.clone().unwrap_or_default();
-    let c = &sr.spec.credential;
-    if let Some(g) = &c.generated {
-        return Ok(Box::new(generated::Generated::new(g)));
-    }
-    if let Some(w) = &c.webhook {
-        return Ok(Box::new(webhook::Webhook::new(w, ctx, &ns, &name)));
-    }
-    if let Some(m) = &c.manual {
-        return Ok(Box::new(manual::Manual::new(m, ctx, &ns)));
-    }
-    if let Some(k) = &c.keycloak {
-        return Ok(Box::new(keycloak::Keycloak::new(
-            k,
-            ctx,
-            &ns,
-            &sr.spec.old_value_valid_for,
-        )));
-    }
-    Err(Error::permanent("InvalidSpec", "credential sets no source"))
-}
-
-/// Reads one key of a Secret in `namespace` as a value.
-pub async fn read_secret_key(
-    ctx: &Context,
+/// Builds the source a plan names. `name` is the SecretRotation's.
+pub fn build(
+    plan: &SourcePlan,
+    deps: &Deps,
     namespace: &str,
     name: &str,
-    key: &str,
-) -> Result<SecretValue> {
-    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(ctx.client.clone(), namespace);
-    let secret = api
-        .get_opt(name)
-        .await
-        .map_err(|e| Error::kube("read referenced Secret", e))?
-        .ok_or_else(|| {
-            Error::permanent(
-                "SecretNotFound",
-                format!("Secret {namespace}/{name} not found"),
-            )
-        })?;
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .and_then(|b| SecretValue::from_bytes(&b.0))
-        .filter(|v| !v.expose().is_empty())
-        .ok_or_else(|| {
-            Error::permanent(
-                "SecretKeyMissing",
-                format!("Secret {namespace}/{name} has no non-empty key {key}"),
-            )
-        })
+    old_value_valid_for: &str,
+) -> Box<dyn CredentialSource> {
+    match plan {
+        SourcePlan::Generated(g) => Box::new(generated::Generated::new(g)),
+        SourcePlan::Webhook(w) => Box::new(webhook::Webhook::new(w, deps, namespace, name)),
+        SourcePlan::Manual(m) => Box::new(manual::Manual::new(m, deps, namespace)),
+        SourcePlan::Keycloak(k) => Box::new(keycloak::Keycloak::new(
+            k,
+            deps,
+            namespace,
+            old_value_valid_for,
+        )),
+    }
 }

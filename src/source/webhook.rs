@@ -11,14 +11,15 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{CredentialSource, Invalidation, read_secret_key};
-use crate::controller::Context;
+use super::{CredentialSource, Invalidation};
 use crate::crd::WebhookSource;
+use crate::deps::Deps;
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
 pub struct Webhook {
-    ctx: Context,
+    deps: Deps,
     spec: WebhookSource,
     namespace: String,
     name: String,
@@ -30,9 +31,9 @@ struct IssueResponse {
 }
 
 impl Webhook {
-    pub fn new(spec: &WebhookSource, ctx: &Context, namespace: &str, name: &str) -> Self {
+    pub fn new(spec: &WebhookSource, deps: &Deps, namespace: &str, name: &str) -> Self {
         Self {
-            ctx: ctx.clone(),
+            deps: deps.clone(),
             spec: spec.clone(),
             namespace: namespace.into(),
             name: name.into(),
@@ -46,13 +47,16 @@ impl Webhook {
         rotation_id: &str,
     ) -> Result<reqwest::Response> {
         let mut req = self
-            .ctx
+            .deps
             .http
             .post(url)
             .header("Idempotency-Key", rotation_id)
             .json(&serde_json::json!({"rotationId": rotation_id, "namespace": self.namespace, "name": self.name}));
         if let Some(auth) = &self.spec.auth_secret_ref {
-            let token = read_secret_key(&self.ctx, &self.namespace, &auth.name, &auth.key).await?;
+            let token = self
+                .deps
+                .secret_key(&self.namespace, &auth.name, &auth.key)
+                .await?;
             req = req.bearer_auth(token.expose());
         }
         let started = std::time::Instant::now();
@@ -61,11 +65,11 @@ impl Webhook {
             Ok(r) if r.status().is_success() => "success",
             _ => "error",
         };
-        self.ctx
+        self.deps
             .metrics
             .provider_call("webhook", call, outcome, started.elapsed());
         let resp = result
-            .map_err(|e| Error::http("WebhookUnreachable", &format!("webhook {call}"), &e))?;
+            .map_err(|e| Error::http(Reason::WebhookUnreachable, &format!("webhook {call}"), &e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -74,9 +78,9 @@ impl Webhook {
         let message = format!("webhook {call} answered HTTP {}", status.as_u16());
         Err(
             if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-                Error::transient("WebhookError", message)
+                Error::transient(Reason::WebhookError, message)
             } else {
-                Error::permanent("WebhookRejected", message)
+                Error::permanent(Reason::WebhookRejected, message)
             },
         )
     }
@@ -86,7 +90,9 @@ impl Webhook {
 impl CredentialSource for Webhook {
     async fn preflight(&self, _current: Option<&SecretValue>) -> Result<()> {
         if let Some(auth) = &self.spec.auth_secret_ref {
-            read_secret_key(&self.ctx, &self.namespace, &auth.name, &auth.key).await?;
+            self.deps
+                .secret_key(&self.namespace, &auth.name, &auth.key)
+                .await?;
         }
         Ok(())
     }
@@ -97,13 +103,13 @@ impl CredentialSource for Webhook {
             .await?;
         let body: IssueResponse = resp.json().await.map_err(|_| {
             Error::permanent(
-                "WebhookBadResponse",
+                Reason::WebhookBadResponse,
                 "webhook issue answered without a JSON {\"value\": string}",
             )
         })?;
         if body.value.is_empty() {
             return Err(Error::permanent(
-                "WebhookBadResponse",
+                Reason::WebhookBadResponse,
                 "webhook issue answered an empty value",
             ));
         }

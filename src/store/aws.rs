@@ -20,6 +20,7 @@ use super::Store;
 use crate::crd::AwsSecretsManagerTarget;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
 const PROVIDER: &str = "aws-secrets-manager";
@@ -44,20 +45,20 @@ fn map_err<E: ProvideErrorMetadata>(call: &str, secret: &str, e: &E) -> Error {
     let code = e.code().unwrap_or("Unknown");
     let message = format!("AWS Secrets Manager {call} on {secret}: {code}");
     match code {
-        "ResourceNotFoundException" => Error::permanent("AwsSecretNotFound", message),
+        "ResourceNotFoundException" => Error::permanent(Reason::AwsSecretNotFound, message),
         "AccessDeniedException"
         | "UnrecognizedClientException"
         | "InvalidSignatureException"
         | "ExpiredTokenException"
         | "InvalidClientTokenId"
-        | "SignatureDoesNotMatch" => Error::permanent("AwsCredentialsRejected", message),
+        | "SignatureDoesNotMatch" => Error::permanent(Reason::AwsCredentialsRejected, message),
         "InvalidRequestException"
         | "InvalidParameterException"
         | "ResourceExistsException"
         | "LimitExceededException"
         | "EncryptionFailure"
-        | "DecryptionFailure" => Error::permanent("AwsSecretsManagerRejected", message),
-        _ => Error::transient("AwsSecretsManagerError", message),
+        | "DecryptionFailure" => Error::permanent(Reason::AwsSecretsManagerRejected, message),
+        _ => Error::transient(Reason::AwsSecretsManagerError, message),
     }
 }
 
@@ -221,7 +222,7 @@ impl Store for AwsSecretsManagerStore {
         let stages = self.stages().await?;
         if holding(&stages, CURRENT) != Some(version.as_str()) {
             return Err(Error::transient(
-                "AwsWriteNotCurrent",
+                Reason::AwsWriteNotCurrent,
                 format!("version {version} is not AWSCURRENT after the write"),
             ));
         }
@@ -235,7 +236,7 @@ impl Store for AwsSecretsManagerStore {
             let previous = holding(&stages, PREVIOUS)
                 .ok_or_else(|| {
                     Error::permanent(
-                        "AwsNoPreviousVersion",
+                        Reason::AwsNoPreviousVersion,
                         "no AWSPREVIOUS version to roll back to",
                     )
                 })?
@@ -251,7 +252,7 @@ impl Store for AwsSecretsManagerStore {
         let stages = self.stages().await?;
         if holding(&stages, CURRENT).is_none() {
             return Err(Error::permanent(
-                "AwsSecretEmpty",
+                Reason::AwsSecretEmpty,
                 format!("AWS secret {} has no AWSCURRENT version", self.secret_id),
             ));
         }
@@ -263,7 +264,7 @@ impl Store for AwsSecretsManagerStore {
 mod tests {
     #[test]
     fn version_ids_fit_aws_client_request_token_bounds() {
-        let id = crate::controller::new_rotation_id(jiff::Timestamp::now());
+        let id = crate::crd::new_rotation_id(jiff::Timestamp::now());
         let v = super::version_id(&id);
         assert!((32..=64).contains(&v.len()), "{v} ({} chars)", v.len());
         assert!(v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));

@@ -19,6 +19,7 @@ use super::Store;
 use crate::crd::IbmSecretsManagerTarget;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::reason::Reason;
 use crate::value::SecretValue;
 
 const PROVIDER: &str = "ibm-secrets-manager";
@@ -91,25 +92,21 @@ impl IbmSecretsManagerStore {
             ])
             .send()
             .await;
-        let outcome = if resp.as_ref().is_ok_and(|r| r.status().is_success()) {
-            "success"
-        } else {
-            "error"
-        };
+        let outcome = crate::deps::outcome(resp.as_ref().is_ok_and(|r| r.status().is_success()));
         self.metrics
             .provider_call("ibm-iam", "token", outcome, started.elapsed());
         let resp =
-            resp.map_err(|e| Error::http("IbmIamUnreachable", "IBM IAM token request", &e))?;
+            resp.map_err(|e| Error::http(Reason::IbmIamUnreachable, "IBM IAM token request", &e))?;
         let status = resp.status();
         if status.is_client_error() {
             return Err(Error::permanent(
-                "IbmCredentialsRejected",
+                Reason::IbmCredentialsRejected,
                 format!("IBM IAM refused the API key (HTTP {})", status.as_u16()),
             ));
         }
         if !status.is_success() {
             return Err(Error::transient(
-                "IbmIamError",
+                Reason::IbmIamError,
                 format!("IBM IAM answered HTTP {}", status.as_u16()),
             ));
         }
@@ -119,7 +116,10 @@ impl IbmSecretsManagerStore {
             expires_in: Option<u64>,
         }
         let body: TokenResponse = resp.json().await.map_err(|_| {
-            Error::transient("IbmIamError", "IBM IAM answered without an access token")
+            Error::transient(
+                Reason::IbmIamError,
+                "IBM IAM answered without an access token",
+            )
         })?;
         let lifetime = Duration::from_secs(body.expires_in.unwrap_or(3600));
         let value = SecretValue::new(body.access_token);
@@ -152,12 +152,7 @@ impl IbmSecretsManagerStore {
             let started = Instant::now();
             let resp = req.send().await;
             let status = resp.as_ref().map(|r| r.status()).ok();
-            let outcome = match status {
-                Some(s) if s.is_success() => "success",
-                Some(s) if s.is_client_error() => "client_error",
-                Some(_) => "server_error",
-                None => "unreachable",
-            };
+            let outcome = crate::deps::outcome(status.is_some_and(|s| s.is_success()));
             self.metrics
                 .provider_call(PROVIDER, call, outcome, started.elapsed());
             // Only reads are retried here: a POST that timed out may have
@@ -188,7 +183,7 @@ impl IbmSecretsManagerStore {
             }
             let resp = resp.map_err(|e| {
                 Error::http(
-                    "IbmSecretsManagerUnreachable",
+                    Reason::IbmSecretsManagerUnreachable,
                     &format!("IBM Secrets Manager {call}"),
                     &e,
                 )
@@ -197,7 +192,7 @@ impl IbmSecretsManagerStore {
             if status.is_success() {
                 return resp.json().await.map_err(|_| {
                     Error::transient(
-                        "IbmSecretsManagerError",
+                        Reason::IbmSecretsManagerError,
                         format!("IBM Secrets Manager {call}: response is not JSON"),
                     )
                 });
@@ -225,7 +220,7 @@ impl IbmSecretsManagerStore {
             .as_str()
             .ok_or_else(|| {
                 Error::permanent(
-                    "IbmSecretsManagerError",
+                    Reason::IbmSecretsManagerError,
                     "secret lookup by name returned no id",
                 )
             })?
@@ -261,7 +256,7 @@ impl IbmSecretsManagerStore {
             }
             other => {
                 return Err(Error::permanent(
-                    "IbmUnsupportedSecretType",
+                    Reason::IbmUnsupportedSecretType,
                     format!(
                         "IBM secret {id} has type {other}; rekey writes arbitrary, kv and username_password secrets"
                     ),
@@ -284,32 +279,32 @@ fn map_status(status: StatusCode, call: &str, target: &IbmSecretsManagerTarget) 
         .unwrap_or("?");
     match status.as_u16() {
         401 | 403 => Error::permanent(
-            "IbmCredentialsRejected",
+            Reason::IbmCredentialsRejected,
             format!(
                 "IBM Secrets Manager {call}: the API key may not access secret {what} (HTTP {})",
                 status.as_u16()
             ),
         ),
         404 => Error::permanent(
-            "IbmSecretNotFound",
+            Reason::IbmSecretNotFound,
             format!("IBM Secrets Manager {call}: secret {what} not found"),
         ),
         412 => Error::permanent(
-            "IbmSecretLocked",
+            Reason::IbmSecretLocked,
             format!(
                 "IBM Secrets Manager {call}: secret {what} has a locked version; remove the lock or rotate later"
             ),
         ),
         429 => Error::transient(
-            "IbmRateLimited",
+            Reason::IbmRateLimited,
             format!("IBM Secrets Manager {call}: rate limited"),
         ),
         s if s >= 500 => Error::transient(
-            "IbmSecretsManagerError",
+            Reason::IbmSecretsManagerError,
             format!("IBM Secrets Manager {call}: HTTP {s}"),
         ),
         s => Error::permanent(
-            "IbmSecretsManagerRejected",
+            Reason::IbmSecretsManagerRejected,
             format!("IBM Secrets Manager {call}: HTTP {s}"),
         ),
     }
@@ -369,7 +364,7 @@ impl Store for IbmSecretsManagerStore {
         }
         {
             return Err(Error::permanent(
-                "IbmWriteNotCurrent",
+                Reason::IbmWriteNotCurrent,
                 format!(
                     "IBM secret {id}: version {version} was created but is not the current version"
                 ),
@@ -381,7 +376,7 @@ impl Store for IbmSecretsManagerStore {
         let current = self.current().await?;
         if current.secret_type == "kv" && self.target.key.is_none() {
             return Err(Error::permanent(
-                "InvalidSpec",
+                Reason::InvalidSpec,
                 "ibmSecretsManager: a kv secret needs `key`",
             ));
         }

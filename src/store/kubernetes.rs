@@ -12,10 +12,10 @@ use kube::api::{Api, Patch, PatchParams};
 use super::Store;
 use crate::crd::KubernetesSecretTarget;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::value::SecretValue;
 
-/// Annotation on the written Secret: the rotation that wrote it.
-pub const WRITTEN_BY_ANNOTATION: &str = "rekey.dev/written-by-rotation";
+use crate::crd::keys::WRITTEN_BY_ANNOTATION;
 
 pub struct KubernetesSecretStore {
     api: Api<Secret>,
@@ -23,6 +23,8 @@ pub struct KubernetesSecretStore {
     key: String,
     /// Server-side apply field manager of this target (at most 128 chars).
     manager: String,
+    /// Counts writes in `rekey_provider_calls_total` (provider `kubernetes`).
+    metrics: Option<Metrics>,
 }
 
 impl KubernetesSecretStore {
@@ -38,7 +40,14 @@ impl KubernetesSecretStore {
             name: t.name.clone(),
             key: t.key.clone(),
             manager: manager.chars().take(128).collect(),
+            metrics: None,
         }
+    }
+
+    /// Counts this store's writes in the provider-call metrics.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn version(s: &Secret) -> String {
@@ -60,6 +69,32 @@ impl Store for KubernetesSecretStore {
     }
 
     async fn write(&self, value: &SecretValue, rotation_id: &str) -> Result<String> {
+        let started = std::time::Instant::now();
+        let result = self.apply(value, rotation_id).await;
+        if let Some(m) = &self.metrics {
+            m.provider_call(
+                "kubernetes",
+                "write",
+                crate::deps::outcome(result.is_ok()),
+                started.elapsed(),
+            );
+        }
+        result
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        // The Secret may not exist yet (rekey creates it); the namespace must.
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::kube("read target Secret", e))?;
+        Ok(())
+    }
+}
+
+impl KubernetesSecretStore {
+    /// Server-side applies the value, unless this rotation wrote it already.
+    async fn apply(&self, value: &SecretValue, rotation_id: &str) -> Result<String> {
         if let Some(existing) = self
             .api
             .get_opt(&self.name)
@@ -108,14 +143,5 @@ impl Store for KubernetesSecretStore {
             .await
             .map_err(|e| Error::kube("write target Secret", e))?;
         Ok(Self::version(&written))
-    }
-
-    async fn preflight(&self) -> Result<()> {
-        // The Secret may not exist yet (rekey creates it); the namespace must.
-        self.api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| Error::kube("read target Secret", e))?;
-        Ok(())
     }
 }

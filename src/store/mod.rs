@@ -6,8 +6,9 @@ pub mod kubernetes;
 
 use async_trait::async_trait;
 
-use crate::crd::Target;
-use crate::error::{Error, Result};
+use crate::deps::Deps;
+use crate::error::Result;
+use crate::plan::{StorePlan, TargetPlan};
 use crate::value::SecretValue;
 
 /// A place that holds the current value of a credential, e.g. a Secrets
@@ -45,64 +46,49 @@ pub trait Store: Send + Sync {
 /// Builds the store of a target; reads its credentials from Secrets in `namespace`.
 /// `rotation` names the SecretRotation, so that writes of different
 /// rotations and targets to one Secret do not take each other's fields.
-pub async fn for_target(
-    target: &Target,
-    ctx: &crate::controller::Context,
+pub async fn build(
+    target: &TargetPlan,
+    deps: &Deps,
     namespace: &str,
     rotation: &str,
 ) -> Result<Box<dyn Store>> {
-    use crate::source::read_secret_key;
-    if let Some(k) = &target.kubernetes_secret {
-        return Ok(Box::new(kubernetes::KubernetesSecretStore::new(
-            ctx.client.clone(),
-            k,
-            namespace,
-            &format!("rekey/{namespace}/{rotation}/{}", target.name),
-        )));
-    }
-    if let Some(t) = &target.ibm_secrets_manager {
-        let key = read_secret_key(
-            ctx,
-            namespace,
-            &t.api_key_secret_ref.name,
-            &t.api_key_secret_ref.key,
-        )
-        .await?;
-        return Ok(Box::new(ibm::IbmSecretsManagerStore::new(
-            ctx.http.clone(),
-            ctx.metrics.clone(),
-            t,
-            key,
-        )));
-    }
-    if let Some(t) = &target.aws_secrets_manager {
-        let r = &t.credentials_secret_ref.name;
-        let id = read_secret_key(ctx, namespace, r, "AWS_ACCESS_KEY_ID").await?;
-        let secret = read_secret_key(ctx, namespace, r, "AWS_SECRET_ACCESS_KEY").await?;
-        let session = read_secret_key(ctx, namespace, r, "AWS_SESSION_TOKEN")
-            .await
-            .ok();
-        return Ok(Box::new(aws::AwsSecretsManagerStore::new(
-            ctx.metrics.clone(),
-            t,
-            id,
-            secret,
-            session,
-        )));
-    }
-    Err(Error::permanent(
-        "InvalidSpec",
-        format!("target {} sets no store", target.name),
-    ))
-}
-
-/// The provider label of a target, for metrics.
-pub fn provider_of(target: &Target) -> &'static str {
-    if target.ibm_secrets_manager.is_some() {
-        "ibm-secrets-manager"
-    } else if target.aws_secrets_manager.is_some() {
-        "aws-secrets-manager"
-    } else {
-        "kubernetes"
-    }
+    Ok(match &target.store {
+        StorePlan::KubernetesSecret(k) => Box::new(
+            kubernetes::KubernetesSecretStore::new(
+                deps.client.clone(),
+                k,
+                namespace,
+                &format!("rekey/{namespace}/{rotation}/{}", target.name),
+            )
+            .with_metrics(deps.metrics.clone()),
+        ),
+        StorePlan::IbmSecretsManager(t) => {
+            let r = &t.api_key_secret_ref;
+            let key = deps.secret_key(namespace, &r.name, &r.key).await?;
+            Box::new(ibm::IbmSecretsManagerStore::new(
+                deps.http.clone(),
+                deps.metrics.clone(),
+                t,
+                key,
+            ))
+        }
+        StorePlan::AwsSecretsManager(t) => {
+            let r = &t.credentials_secret_ref.name;
+            let id = deps.secret_key(namespace, r, "AWS_ACCESS_KEY_ID").await?;
+            let secret = deps
+                .secret_key(namespace, r, "AWS_SECRET_ACCESS_KEY")
+                .await?;
+            let session = deps
+                .secret_key(namespace, r, "AWS_SESSION_TOKEN")
+                .await
+                .ok();
+            Box::new(aws::AwsSecretsManagerStore::new(
+                deps.metrics.clone(),
+                t,
+                id,
+                secret,
+                session,
+            ))
+        }
+    })
 }

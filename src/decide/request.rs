@@ -1,22 +1,13 @@
-//! Pure decisions: should a rotation start, when is the next one due, is a
-//! rollout complete, is the grace window at risk. No I/O; the clock is an
-//! argument. The controller applies what these functions compute.
+//! Should a rotation start, and when is the next one due. Pure; the clock is
+//! an argument.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::crd::keys::ROTATE_ANNOTATION;
 use crate::crd::{Schedule, SecretRotationSpec, SecretRotationStatus};
 use crate::duration;
-
-/// Annotation a person (or `kubectl rekey rotate`) sets to request a rotation
-/// now; any new value is a new request.
-pub const ROTATE_ANNOTATION: &str = "rekey.dev/rotate";
-/// Annotation that approves the rotation whose id it holds.
-pub const APPROVE_ANNOTATION: &str = "rekey.dev/approve";
-/// Annotation confirming that the old value was invalidated by hand (manual source).
-pub const CONFIRM_ANNOTATION: &str = "rekey.dev/confirm-invalidated";
 
 /// Why a rotation starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,68 +104,6 @@ pub fn next_cron(expr: &str, after: Timestamp) -> Option<Timestamp> {
 /// Whether a cron expression parses.
 pub fn cron_is_valid(expr: &str) -> bool {
     expr.parse::<croner::Cron>().is_ok()
-}
-
-/// Rollout counters of a Deployment, StatefulSet or DaemonSet, normalised.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RolloutFacts {
-    pub generation: i64,
-    pub observed_generation: i64,
-    /// Desired pods.
-    pub desired: i32,
-    /// Pods in total (old and new revisions).
-    pub current: i32,
-    /// Pods of the newest revision.
-    pub updated: i32,
-    pub ready: i32,
-    pub available: i32,
-    /// StatefulSet: currentRevision == updateRevision (always true for others).
-    pub revisions_converged: bool,
-}
-
-/// A rollout is complete when the controller has seen the newest spec and
-/// every desired pod runs the newest template, ready and available, with no
-/// pod of an older revision left.
-pub fn rollout_complete(f: &RolloutFacts) -> bool {
-    f.observed_generation >= f.generation
-        && f.updated == f.desired
-        && f.ready == f.desired
-        && f.available == f.desired
-        && f.current == f.desired
-        && f.revisions_converged
-}
-
-/// Where a rotation stands relative to the identity provider's grace window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Grace {
-    /// Plenty of time left.
-    Ok,
-    /// Less than the margin (20% of the window) left: warn.
-    AtRisk,
-    /// The window has ended: the old value may already be dead.
-    Exceeded,
-}
-
-pub fn grace(issued_at: Timestamp, window: Duration, now: Timestamp) -> Grace {
-    let elapsed = now.duration_since(issued_at).as_secs_f64();
-    let window = window.as_secs_f64();
-    if elapsed >= window {
-        Grace::Exceeded
-    } else if elapsed >= window * 0.8 {
-        Grace::AtRisk
-    } else {
-        Grace::Ok
-    }
-}
-
-/// Seconds of grace left (negative once exceeded).
-pub fn grace_left(issued_at: Timestamp, window: Duration, now: Timestamp) -> f64 {
-    window.as_secs_f64() - now.duration_since(issued_at).as_secs_f64()
-}
-
-/// Whether a wait that started at `since` has run out of `timeout`.
-pub fn timed_out(since: Timestamp, timeout: Duration, now: Timestamp) -> bool {
-    now.duration_since(since).as_secs_f64() > timeout.as_secs_f64()
 }
 
 #[cfg(test)]
@@ -306,76 +235,5 @@ mod tests {
         );
         assert_eq!(next_rotation_at(None, ts("2026-01-01T00:00:00Z")), None);
         assert!(!cron_is_valid("61 * * * *"));
-    }
-
-    #[test]
-    fn rollout_is_complete_only_when_every_counter_agrees() {
-        let done = RolloutFacts {
-            generation: 2,
-            observed_generation: 2,
-            desired: 3,
-            current: 3,
-            updated: 3,
-            ready: 3,
-            available: 3,
-            revisions_converged: true,
-        };
-        assert!(rollout_complete(&done));
-        for broken in [
-            RolloutFacts {
-                observed_generation: 1,
-                ..done.clone()
-            },
-            RolloutFacts {
-                updated: 2,
-                ..done.clone()
-            },
-            RolloutFacts {
-                ready: 2,
-                ..done.clone()
-            },
-            RolloutFacts {
-                available: 2,
-                ..done.clone()
-            },
-            RolloutFacts {
-                current: 4,
-                ..done.clone()
-            }, // an old pod is still there
-            RolloutFacts {
-                revisions_converged: false,
-                ..done.clone()
-            },
-        ] {
-            assert!(!rollout_complete(&broken), "{broken:?}");
-        }
-    }
-
-    #[test]
-    fn grace_warns_in_the_last_fifth_of_the_window() {
-        let issued = ts("2026-01-01T00:00:00Z");
-        let w = Duration::from_secs(1800);
-        assert_eq!(grace(issued, w, ts("2026-01-01T00:23:59Z")), Grace::Ok);
-        assert_eq!(grace(issued, w, ts("2026-01-01T00:24:00Z")), Grace::AtRisk);
-        assert_eq!(
-            grace(issued, w, ts("2026-01-01T00:30:00Z")),
-            Grace::Exceeded
-        );
-        assert_eq!(grace_left(issued, w, ts("2026-01-01T00:10:00Z")), 1200.0);
-    }
-
-    #[test]
-    fn timeouts() {
-        let t0 = ts("2026-01-01T00:00:00Z");
-        assert!(!timed_out(
-            t0,
-            Duration::from_secs(60),
-            ts("2026-01-01T00:01:00Z")
-        ));
-        assert!(timed_out(
-            t0,
-            Duration::from_secs(60),
-            ts("2026-01-01T00:01:01Z")
-        ));
     }
 }

@@ -1,0 +1,31 @@
+//! Every annotation and label key rekey reads or writes. Users set the first
+//! three on a SecretRotation; rekey writes the others.
+
+/// Set by a person (or `kubectl rekey rotate`) on a SecretRotation to request
+/// a rotation now; any new value is a new request.
+pub const ROTATE_ANNOTATION: &str = "rekey.dev/rotate";
+/// Approves the rotation whose id it holds (`spec.approval.required`).
+pub const APPROVE_ANNOTATION: &str = "rekey.dev/approve";
+/// Confirms that the old value was invalidated by hand (manual source).
+pub const CONFIRM_ANNOTATION: &str = "rekey.dev/confirm-invalidated";
+/// On a Secret rekey wrote (kubernetesSecret target): the rotation id of the write.
+pub const WRITTEN_BY_ANNOTATION: &str = "rekey.dev/written-by-rotation";
+/// Label of the write-ahead record Secret.
+pub const WAL_LABEL: &str = "rekey.dev/write-ahead-record";
+/// Prefix of the pod-template annotation that restarts a workload; the rest
+/// names the SecretRotation (see `restart_annotation`).
+pub const RESTART_ANNOTATION_PREFIX: &str = "rotation.rekey.dev/";
+/// ESO's annotation on an ExternalSecret that requests a refresh when its value changes.
+pub const FORCE_SYNC_ANNOTATION: &str = "force-sync";
+
+/// The pod-template annotation that restarts a workload, keyed per
+/// SecretRotation so two rotations of one workload do not undo each other.
+pub fn restart_annotation(rotation_name: &str) -> String {
+    if rotation_name.len() <= 63 {
+        format!("{RESTART_ANNOTATION_PREFIX}{rotation_name}")
+    } else {
+        // Annotation names are at most 63 characters: shorten, keep unique.
+        let hash = crate::fingerprint::fnv1a(rotation_name.as_bytes());
+        format!("{RESTART_ANNOTATION_PREFIX}{}-{hash}", &rotation_name[..46])
+    }
+}

@@ -1,0 +1,280 @@
+//! Observed state of a SecretRotation: the phase machine's record. Never
+//! holds a secret value.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::WorkloadKind;
+
+/// Observed state. Never holds a secret value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRotationStatus {
+    /// Phase of the current rotation, or the result of the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The rotation in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationStatus>,
+    /// Summary of the last finished rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<RotationSummary>,
+    /// When the schedule requests the next rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+    /// The last rotations, newest first (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RotationSummary>,
+    /// The `spec.trigger` value the last rotation served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_trigger: Option<String>,
+    /// The `rekey.dev/rotate` annotation value the last rotation served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_rotate_request: Option<String>,
+    /// A request that arrived during the current rotation; served after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_request: Option<String>,
+    /// `Ready`: the credential is rotated and proven (False after a failure).
+    /// `Rotating`: a rotation is in progress (reason: its phase).
+    /// `GraceWindowAtRisk`: proof is late relative to `oldValueValidFor`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The metadata.generation this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Phases of a rotation, in order.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Requested; waiting to start.
+    Pending,
+    /// Waiting for the `rekey.dev/approve` annotation.
+    AwaitingApproval,
+    /// Checking everything that can be checked without changing anything.
+    Preflight,
+    /// Obtaining the new value; the old one stays valid.
+    Issuing,
+    /// Writing the new value to every target.
+    Writing,
+    /// Waiting for ESO to sync the new value into each ExternalSecret's Secret.
+    AwaitingSync,
+    /// Waiting for every workload to roll out on the new value.
+    AwaitingRollout,
+    /// Proving the new value works at the identity provider.
+    Verifying,
+    /// Invalidating the old value.
+    Invalidating,
+    /// Waiting for a person to confirm that the old value was invalidated.
+    AwaitingConfirmation,
+    /// Writing the previous value back after a failure (onFailure: Rollback).
+    RollingBack,
+    /// Every proof observed and the old value invalidated.
+    Succeeded,
+    /// The rotation stopped; the old value was not invalidated.
+    Failed,
+    /// A dry run finished its Preflight checks.
+    DryRunSucceeded,
+}
+
+impl Phase {
+    /// Every phase, in the order a rotation passes them.
+    pub const ALL: [Phase; 14] = [
+        Phase::Pending,
+        Phase::AwaitingApproval,
+        Phase::Preflight,
+        Phase::Issuing,
+        Phase::Writing,
+        Phase::AwaitingSync,
+        Phase::AwaitingRollout,
+        Phase::Verifying,
+        Phase::Invalidating,
+        Phase::AwaitingConfirmation,
+        Phase::RollingBack,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::DryRunSucceeded,
+    ];
+
+    /// The name shown in status, conditions, Events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::AwaitingApproval => "AwaitingApproval",
+            Phase::Preflight => "Preflight",
+            Phase::Issuing => "Issuing",
+            Phase::Writing => "Writing",
+            Phase::AwaitingSync => "AwaitingSync",
+            Phase::AwaitingRollout => "AwaitingRollout",
+            Phase::Verifying => "Verifying",
+            Phase::Invalidating => "Invalidating",
+            Phase::AwaitingConfirmation => "AwaitingConfirmation",
+            Phase::RollingBack => "RollingBack",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::DryRunSucceeded => "DryRunSucceeded",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::DryRunSucceeded
+        )
+    }
+}
+
+/// The rotation in progress.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    /// Unique id of this rotation; used as idempotency key everywhere.
+    pub id: String,
+    /// Why it started: Created, TriggerChanged, Schedule, OnDemand.
+    pub reason: String,
+    /// `spec.trigger` when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// The `rekey.dev/rotate` annotation when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// When it was requested.
+    pub requested_at: Option<MicroTime>,
+    /// When the current phase started.
+    pub phase_started_at: Option<MicroTime>,
+    /// Phases already left, with their durations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTiming>,
+    /// A source's marker recorded before the new value was issued (e.g.
+    /// Keycloak's secret creation time), so that a retry after a crash
+    /// recovers the value instead of issuing a second one. Never a value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issue_marker: Option<String>,
+    /// When the new value was issued: the identity provider's grace clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// When the old value stops being valid at the identity provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_value_valid_until: Option<Time>,
+    /// Versions written to each target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetStatus>,
+    /// Workload generations seen before the refresh request (Await mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workload_baselines: Vec<WorkloadBaseline>,
+    /// When every ExternalSecret held the new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_at: Option<Time>,
+    /// When every workload had rolled out on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_out_at: Option<Time>,
+    /// Set when the rotation is failing: the reason (CamelCase) and a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Whether the previous values were written back and ESO synced them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
+    /// Fingerprint of spec.credential, targets and proof when the rotation
+    /// started: a change after Issuing fails the rotation (no invalidation).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spec_fingerprint: String,
+    /// Whether a GraceWindowAtRisk warning was emitted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grace_warned: bool,
+}
+
+/// Time spent in one phase.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    /// Seconds spent in the phase.
+    pub seconds: f64,
+}
+
+/// What was written to one target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    pub name: String,
+    /// Version id in the store (never the value).
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_at: Option<Time>,
+}
+
+/// A workload's pod template before the refresh request (Await mode): a
+/// restart is a change of the template, not of the replica count.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadBaseline {
+    pub kind: WorkloadKind,
+    pub name: String,
+    /// FNV-1a fingerprint of the pod template.
+    pub template: String,
+}
+
+/// Why a rotation failed. The message is built from fixed text and object
+/// names; it never contains a value or a provider's response body.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+    /// The phase in which it failed.
+    pub phase: Phase,
+}
+
+/// A finished rotation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSummary {
+    pub id: String,
+    /// Succeeded, Failed or DryRunSucceeded.
+    pub result: Phase,
+    /// Why it started.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    pub started_at: Option<Time>,
+    pub finished_at: Option<Time>,
+    pub duration_seconds: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTiming>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetStatus>,
+    /// Whether the previous value was written back (onFailure: Rollback).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
+    /// Whether the rotation ended after the old value's grace window: the old
+    /// value may have died before the proof was complete.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grace_exceeded: bool,
+}
+
+/// A new rotation id: sortable by time, unique, safe as an idempotency key.
+pub fn new_rotation_id(now: jiff::Timestamp) -> String {
+    use rand::RngExt;
+    let suffix: u32 = rand::rng().random();
+    format!("{}-{:08x}", now.strftime("%Y%m%d-%H%M%S"), suffix)
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phase;
+
+    #[test]
+    fn phase_names_are_the_serialized_names() {
+        for p in Phase::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Pure decisions: should a rotation start, where does it go next, what does
+//! a failure lead to, is a rollout complete, is the grace window at risk,
+//! what does a finished rotation report. No I/O; the clock is an argument.
+//! The machine (`crate::machine`) applies what these functions compute.
+
+pub mod grace;
+pub mod request;
+pub mod rollout;
+pub mod summary;
+pub mod transition;
+
+pub use grace::{Grace, grace, grace_left, timed_out};
+pub use request::{Request, Served, cron_is_valid, next_cron, next_rotation_at, rotation_request};
+pub use rollout::{RolloutFacts, rollout_complete};
+pub use transition::{
+    AfterFailure, FailureFacts, Next, OnTransient, Outcome, Route, after_failure, next,
+    on_transient_error, spec_change_allowed, waits_for_a_person,
+};

@@ -1,0 +1,78 @@
+//! The rollout verdict: is a workload's rollout complete.
+
+/// Rollout counters of a Deployment, StatefulSet or DaemonSet, normalised.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RolloutFacts {
+    pub generation: i64,
+    pub observed_generation: i64,
+    /// Desired pods.
+    pub desired: i32,
+    /// Pods in total (old and new revisions).
+    pub current: i32,
+    /// Pods of the newest revision.
+    pub updated: i32,
+    pub ready: i32,
+    pub available: i32,
+    /// StatefulSet: currentRevision == updateRevision (always true for others).
+    pub revisions_converged: bool,
+}
+
+/// A rollout is complete when the controller has seen the newest spec and
+/// every desired pod runs the newest template, ready and available, with no
+/// pod of an older revision left.
+pub fn rollout_complete(f: &RolloutFacts) -> bool {
+    f.observed_generation >= f.generation
+        && f.updated == f.desired
+        && f.ready == f.desired
+        && f.available == f.desired
+        && f.current == f.desired
+        && f.revisions_converged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollout_is_complete_only_when_every_counter_agrees() {
+        let done = RolloutFacts {
+            generation: 2,
+            observed_generation: 2,
+            desired: 3,
+            current: 3,
+            updated: 3,
+            ready: 3,
+            available: 3,
+            revisions_converged: true,
+        };
+        assert!(rollout_complete(&done));
+        for broken in [
+            RolloutFacts {
+                observed_generation: 1,
+                ..done.clone()
+            },
+            RolloutFacts {
+                updated: 2,
+                ..done.clone()
+            },
+            RolloutFacts {
+                ready: 2,
+                ..done.clone()
+            },
+            RolloutFacts {
+                available: 2,
+                ..done.clone()
+            },
+            RolloutFacts {
+                current: 4,
+                ..done.clone()
+            }, // an old pod is still there
+            RolloutFacts {
+                revisions_converged: false,
+                ..done.clone()
+            },
+        ] {
+            assert!(!rollout_complete(&broken), "{broken:?}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The one place that announces what happens to a rotation: a log line, an
+//! Event and the metrics, for a start, each transition and the end.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use tracing::info;
+
+use super::view::View;
+use crate::crd::keys::CONFIRM_ANNOTATION;
+use crate::crd::{Phase, PhaseTiming, RotationSummary};
+use crate::decide::{Request, summary};
+use crate::error::Result;
+use crate::metrics::{PhaseOnly, ResultLabels};
+
+/// A rotation was requested (its status is written).
+pub(super) async fn started(v: &View, id: &str, request: Request) {
+    v.ctx
+        .metrics
+        .rotations_started
+        .get_or_create(&v.labels())
+        .inc();
+    v.ctx
+        .metrics
+        .set_phase(&v.namespace, &v.name, Phase::Pending);
+    info!(rotation = %id, reason = request.as_str(), "rotation requested");
+    v.event(
+        EventType::Normal,
+        "RotationRequested",
+        format!("Rotation {id} requested: {}", request.as_str()),
+    )
+    .await;
+}
+
+/// Records how long the current phase took and starts the clock of the next.
+pub(super) fn close_phase(v: &mut View) {
+    let now = v.now;
+    let phase = v.phase();
+    let rot = v.rotation_mut();
+    let since = rot.phase_started_at.as_ref().map(|t| t.0).unwrap_or(now);
+    let seconds = summary::seconds_between(since, now);
+    rot.phases.push(PhaseTiming { phase, seconds });
+    rot.phase_started_at = Some(MicroTime(now));
+    v.ctx
+        .metrics
+        .phase_duration
+        .get_or_create(&PhaseOnly {
+            phase: phase.as_str().into(),
+        })
+        .observe(seconds);
+}
+
+/// Enters `next`: status first, then the announcement.
+pub(super) async fn advance(v: &mut View, next: Phase) -> Result<Action> {
+    let from = v.phase();
+    close_phase(v);
+    v.status.phase = Some(next);
+    let rot = v.rotation().clone();
+    v.set_rotating(&format!("rotation {}: {next}", rot.id));
+    v.write_status().await?;
+    v.ctx.metrics.set_phase(&v.namespace, &v.name, next);
+    let mut note = format!("Rotation {}: {from} -> {next}", rot.id);
+    if from == Phase::Writing {
+        let versions: Vec<String> = rot
+            .targets
+            .iter()
+            .map(|t| format!("{}={}", t.name, t.version))
+            .collect();
+        note.push_str(&format!(" (versions written: {})", versions.join(", ")));
+    }
+    info!(rotation = %rot.id, from = from.as_str(), to = next.as_str(), "phase changed");
+    v.event(EventType::Normal, next.as_str(), note).await;
+    if next == Phase::AwaitingConfirmation {
+        let msg = format!(
+            "Rotation {}: the new value is proven. Invalidate the old value at the identity provider now, then run: kubectl annotate secretrotation -n {} {} {CONFIRM_ANNOTATION}={}",
+            rot.id, v.namespace, v.name, rot.id
+        );
+        v.event(EventType::Normal, "InvalidateOldValue", msg).await;
+    }
+    Ok(Action::requeue(v.ctx.poll))
+}
+
+/// The rotation ended (its status is written).
+pub(super) async fn finished(
+    v: &View,
+    summary: &RotationSummary,
+    event: (EventType, &str, String),
+) {
+    let result = summary.result;
+    let m = &v.ctx.metrics;
+    m.rotations_finished
+        .get_or_create(&ResultLabels {
+            namespace: v.namespace.clone(),
+            name: v.name.clone(),
+            result: result.as_str().into(),
+            reason: summary
+                .failure
+                .as_ref()
+                .map(|f| f.reason.clone())
+                .unwrap_or_default(),
+        })
+        .inc();
+    m.rotation_duration
+        .get_or_create(&PhaseOnly {
+            phase: result.as_str().into(),
+        })
+        .observe(summary.duration_seconds);
+    m.set_phase(&v.namespace, &v.name, result);
+    m.grace_seconds_left.remove(&v.labels());
+    info!(rotation = %summary.id, result = result.as_str(), "rotation finished");
+    let (type_, reason, note) = event;
+    v.event(type_, reason, note).await;
+}

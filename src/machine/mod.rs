@@ -1,0 +1,173 @@
+//! The rotation machine: drives each SecretRotation through its phases.
+//!
+//! Crash safety: every phase is recorded in status before its side effect,
+//! and every side effect is idempotent per rotation id, so a restart at any
+//! point re-runs the current phase without a second store version, a second
+//! issue at the identity provider or a second rollout.
+//!
+//! - `step`: one reconcile: load, step, transition, record, requeue.
+//! - `view`: the per-reconcile view of one SecretRotation, its status and conditions.
+//! - `announce`: the one place that logs, publishes Events and meters a transition.
+//! - `phases`: one module per phase; each reports a `decide::Outcome`.
+//! - `providers`: the seam where sources, stores and proofs are built.
+//!
+//! Where each phase goes next is decided in `crate::decide::transition`.
+
+mod announce;
+pub mod phases;
+pub mod providers;
+mod step;
+mod view;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tracing::{Instrument, warn};
+
+use crate::crd::SecretRotation;
+use crate::deps::Deps;
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, RotationLabels};
+pub use providers::{Providers, RealProviders};
+
+/// Field manager of every write rekey makes.
+pub const MANAGER: &str = "rekey";
+
+/// The machine's clock; injected so tests can move time.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// Called after every status write with the phase written; a test uses it
+/// to stop the machine right there (see tests/machine.rs).
+pub type StatusWritten = Arc<dyn Fn(crate::crd::Phase) + Send + Sync>;
+
+/// Shared by every reconcile.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Builds sources, stores and proofs.
+    pub providers: Arc<dyn Providers>,
+    /// How often waits (sync, rollout, approval) poll.
+    pub poll: Duration,
+    pub clock: Clock,
+    pub on_status_written: Option<StatusWritten>,
+    /// resourceVersion of the last status rekey wrote per object, to skip
+    /// reconciles on a cache that has not caught up with that write yet.
+    written: Arc<Mutex<HashMap<(String, String), u64>>>,
+    /// SecretRotations whose leftover write-ahead record this process has
+    /// already removed (see `phases::idle`).
+    swept: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+impl Context {
+    /// The production context: real providers, the system clock.
+    pub fn new(client: Client, metrics: Metrics, poll: Duration) -> Self {
+        let deps = Deps::new(client.clone(), metrics.clone());
+        Self::with(
+            client,
+            metrics,
+            poll,
+            Arc::new(RealProviders { deps }),
+            Arc::new(Timestamp::now),
+        )
+    }
+
+    /// A context with the given providers and clock.
+    pub fn with(
+        client: Client,
+        metrics: Metrics,
+        poll: Duration,
+        providers: Arc<dyn Providers>,
+        clock: Clock,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "rekey".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            providers,
+            poll,
+            clock,
+            on_status_written: None,
+            written: Arc::default(),
+            swept: Arc::default(),
+        }
+    }
+}
+
+impl Context {
+    /// True the first time it is asked for an object in this process.
+    pub(crate) fn first_idle_look(&self, namespace: &str, name: &str) -> bool {
+        self.swept
+            .lock()
+            .unwrap()
+            .insert((namespace.to_string(), name.to_string()))
+    }
+}
+
+/// Runs the controller until a shutdown signal. `namespaces`: watch only these
+/// (namespaced mode) or, when empty, the whole cluster.
+pub async fn run(ctx: Context, namespaces: Vec<String>) {
+    let ctx = Arc::new(ctx);
+    let error_policy = |sr: Arc<SecretRotation>, err: &Error, ctx: Arc<Context>| {
+        warn!(namespace = sr.namespace().unwrap_or_default(), name = sr.name_any(), error = %err, "reconcile failed");
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&RotationLabels {
+                namespace: sr.namespace().unwrap_or_default(),
+                name: sr.name_any(),
+            })
+            .inc();
+        Action::requeue(Duration::from_secs(5))
+    };
+    let apis: Vec<Api<SecretRotation>> = if namespaces.is_empty() {
+        vec![Api::all(ctx.client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+            .collect()
+    };
+    let runs = apis.into_iter().map(|api| {
+        Controller::new(api, watcher::Config::default())
+            .shutdown_on_signal()
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|_| async {})
+    });
+    futures::future::join_all(runs).await;
+}
+
+/// Entry point of one reconcile.
+pub async fn reconcile(sr: Arc<SecretRotation>, ctx: Arc<Context>) -> Result<Action> {
+    let key = (sr.namespace().unwrap_or_default(), sr.name_any());
+    let rv: Option<u64> = sr.resource_version().and_then(|v| v.parse().ok());
+    if let (Some(rv), Some(written)) = (rv, ctx.written.lock().unwrap().get(&key).copied())
+        && rv < written
+    {
+        // Our own status write is not in the cache yet: wait for it.
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let rotation = sr
+        .status
+        .as_ref()
+        .and_then(|s| s.rotation.as_ref())
+        .map(|r| r.id.clone())
+        .unwrap_or_default();
+    let span =
+        tracing::info_span!("reconcile", namespace = %key.0, name = %key.1, rotation = %rotation);
+    step::reconcile(view::View::new(sr, ctx))
+        .instrument(span)
+        .await
+}

@@ -1,0 +1,120 @@
+//! The end of a rotation: summary and history, conditions, then the
+//! announcement, then the write-ahead record is deleted.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use tracing::warn;
+
+use super::super::announce;
+use super::super::view::{View, condition};
+use crate::crd::Phase;
+use crate::decide::{self, summary};
+use crate::error::Result;
+
+/// How many finished rotations `status.history` keeps.
+const HISTORY_LIMIT: usize = 10;
+
+pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
+    announce::close_phase(v);
+    let rot = v.rotation().clone();
+    let grace_window = v.plan().map(|p| p.grace_window);
+    let summary = match grace_window {
+        Ok(window) => summary::summarize(&rot, result, window, v.now),
+        // No window to compare with: nothing can be said to exceed it.
+        Err(_) => summary::summarize(&rot, result, std::time::Duration::MAX, v.now),
+    };
+    v.status.history.insert(0, summary.clone());
+    v.status.history.truncate(HISTORY_LIMIT);
+    v.status.last_rotation = Some(summary.clone());
+    v.status.observed_trigger = rot.trigger.clone();
+    v.status.observed_rotate_request = rot.rotate_request.clone();
+    v.status.next_rotation_at =
+        decide::next_rotation_at(v.sr.spec.schedule.as_ref(), v.now).map(Time);
+    v.status.rotation = None;
+    v.status.phase = Some(result);
+    let event = match (result, &rot.failure) {
+        (Phase::Failed, Some(f)) => {
+            let kept = if summary.rolled_back {
+                "the previous value was written back to every target; the old value stays valid"
+            } else {
+                "targets left as they are (onFailure: Hold); the old value stays valid"
+            };
+            v.set_condition(
+                condition::READY,
+                "False",
+                &f.reason,
+                &format!("Rotation {} failed in {}: {}", rot.id, f.phase, f.message),
+            );
+            (
+                EventType::Warning,
+                "RotationFailed",
+                format!(
+                    "Rotation {} failed in {}: {} ({}): {kept}",
+                    rot.id, f.phase, f.reason, f.message
+                ),
+            )
+        }
+        (Phase::DryRunSucceeded, _) => {
+            v.set_condition(
+                condition::READY,
+                "True",
+                "DryRunSucceeded",
+                &format!("Dry run {}: every preflight check passed", rot.id),
+            );
+            (
+                EventType::Normal,
+                "DryRunSucceeded",
+                format!(
+                    "Dry run {}: every preflight check passed; nothing was changed",
+                    rot.id
+                ),
+            )
+        }
+        _ => {
+            let versions: Vec<String> = rot
+                .targets
+                .iter()
+                .map(|t| format!("{}={}", t.name, t.version))
+                .collect();
+            v.set_condition(
+                condition::READY,
+                "True",
+                "Rotated",
+                &format!("Rotation {} succeeded", rot.id),
+            );
+            (
+                EventType::Normal,
+                "RotationSucceeded",
+                format!(
+                    "Rotation {} succeeded in {:.0}s (versions: {}); the old value is retired",
+                    rot.id,
+                    summary.duration_seconds,
+                    versions.join(", ")
+                ),
+            )
+        }
+    };
+    v.set_condition(
+        condition::ROTATING,
+        "False",
+        result.as_str(),
+        &format!("Rotation {} ended: {result}", rot.id),
+    );
+    if !summary.grace_exceeded {
+        v.set_condition(
+            condition::GRACE_WINDOW_AT_RISK,
+            "False",
+            "WithinGraceWindow",
+            "The last rotation ended within the grace window",
+        );
+    }
+    v.write_status().await?;
+    announce::finished(v, &summary, event).await;
+    // No copy of the value lingers. A failed delete is retried by the
+    // next rotation, which replaces the record.
+    if let Err(e) = v.wal().delete().await {
+        warn!(error = %e, "could not delete the write-ahead record");
+    }
+    Ok(Action::requeue(v.ctx.poll))
+}

@@ -1,0 +1,108 @@
+//! No rotation in progress: should one start? Also keeps a request that
+//! arrives during a rotation, to serve it after.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::runtime::controller::Action;
+
+use super::super::announce;
+use super::super::view::{View, condition};
+use crate::crd::keys::ROTATE_ANNOTATION;
+use crate::crd::{Phase, RotationStatus, new_rotation_id};
+use crate::decide::{self, Request, Served};
+use crate::error::Result;
+
+pub async fn run(v: &mut View) -> Result<Action> {
+    // A crash between a rotation's final status write and the deletion of
+    // its write-ahead record would leave values behind until the next
+    // rotation: the first idle look of each process deletes any leftover.
+    if v.ctx.first_idle_look(&v.namespace, &v.name) {
+        v.wal().delete().await?;
+    }
+    let request = decide::rotation_request(
+        &v.sr.spec,
+        &Served::from_status(&v.status),
+        v.annotations(),
+        v.now,
+    );
+    if let Some(request) = request {
+        return start(v, request).await;
+    }
+    let last_finished = v
+        .status
+        .last_rotation
+        .as_ref()
+        .and_then(|l| l.finished_at.as_ref())
+        .map(|t| t.0);
+    v.status.next_rotation_at = last_finished
+        .and_then(|t| decide::next_rotation_at(v.sr.spec.schedule.as_ref(), t))
+        .map(Time);
+    v.status.pending_request = None;
+    v.status.observed_generation = v.sr.metadata.generation;
+    if !v.has_condition(condition::ROTATING) {
+        v.set_condition(
+            condition::ROTATING,
+            "False",
+            "Idle",
+            "No rotation in progress",
+        );
+    }
+    v.write_status().await?;
+    let wake = v
+        .status
+        .next_rotation_at
+        .as_ref()
+        .map(|t| Duration::from_secs_f64(t.0.duration_since(v.now).as_secs_f64().max(1.0)))
+        .unwrap_or(Duration::from_secs(600));
+    Ok(Action::requeue(wake.min(Duration::from_secs(600))))
+}
+
+async fn start(v: &mut View, request: Request) -> Result<Action> {
+    let id = new_rotation_id(v.now);
+    v.status.rotation = Some(RotationStatus {
+        id: id.clone(),
+        reason: request.as_str().into(),
+        trigger: v.sr.spec.trigger.clone(),
+        rotate_request: v.annotations().get(ROTATE_ANNOTATION).cloned(),
+        requested_at: Some(MicroTime(v.now)),
+        phase_started_at: Some(MicroTime(v.now)),
+        spec_fingerprint: v.spec_fingerprint(),
+        ..Default::default()
+    });
+    v.status.phase = Some(Phase::Pending);
+    v.status.pending_request = None;
+    v.status.observed_generation = v.sr.metadata.generation;
+    if !v.has_condition(condition::READY) {
+        v.set_condition(
+            condition::READY,
+            "Unknown",
+            "NotYetRotated",
+            "The first rotation has not finished yet",
+        );
+    }
+    v.set_condition(
+        condition::GRACE_WINDOW_AT_RISK,
+        "False",
+        "NoRotationIssued",
+        "No new value issued yet",
+    );
+    v.set_rotating(&format!("rotation {id} requested ({})", request.as_str()));
+    v.write_status().await?;
+    announce::started(v, &id, request).await;
+    Ok(Action::requeue(v.ctx.poll))
+}
+
+/// A request that arrives during a rotation is kept (and shown) and served
+/// after it: the finished rotation records only what it served.
+pub fn note_pending_request(v: &mut View) {
+    let rot = v.rotation();
+    let served = Served {
+        trigger: rot.trigger.as_deref(),
+        rotate_request: rot.rotate_request.as_deref(),
+        ever_rotated: true,
+        next_rotation_at: None,
+    };
+    let pending = decide::rotation_request(&v.sr.spec, &served, v.annotations(), v.now);
+    v.status.pending_request = pending.map(|r| r.as_str().to_string());
+}

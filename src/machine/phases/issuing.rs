@@ -1,0 +1,61 @@
+//! Issuing: captures each target's current value (for rollback), obtains the
+//! new value from the source once, and keeps both in the write-ahead record.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::super::view::View;
+use crate::decide::Outcome;
+use crate::error::{Error, Result};
+use crate::reason::Reason;
+use crate::wal::Record;
+
+pub async fn step(v: &mut View) -> Result<Outcome> {
+    let plan = v.plan()?.clone();
+    let id = v.rotation().id.clone();
+    let wal = v.wal();
+    if wal.read(&id).await?.is_none() {
+        // Capture every target's previous value before anything is written,
+        // for onFailure: Rollback.
+        let mut previous = BTreeMap::new();
+        for target in &plan.targets {
+            if let Some(value) = v.store(target).await?.read_current().await? {
+                previous.insert(target.name.clone(), value);
+            }
+        }
+        let source = v.source()?;
+        if v.rotation().issue_marker.is_none() {
+            // Recorded before the side effect: a retry knows what it saw.
+            let marker = source.prepare_issue().await?;
+            let now = v.now;
+            let rot = v.rotation_mut();
+            rot.issue_marker = Some(marker);
+            // The identity provider's grace clock starts with the issue call.
+            rot.issued_at.get_or_insert(Time(now));
+            v.write_status().await?;
+        }
+        let marker = v.rotation().issue_marker.clone().unwrap_or_default();
+        let new = source.issue(&id, &marker).await?;
+        if previous.values().any(|p| p.same_as(&new)) {
+            return Err(Error::permanent(
+                Reason::NewValueNotNew,
+                "the source returned the value a target already holds",
+            ));
+        }
+        let record = Record {
+            rotation_id: id.clone(),
+            new,
+            previous,
+        };
+        wal.write(&v.sr, &record).await?;
+    }
+    let now = v.now;
+    let rot = v.rotation_mut();
+    let issued = rot.issued_at.get_or_insert(Time(now)).0;
+    rot.old_value_valid_until = issued
+        .checked_add(jiff::SignedDuration::try_from(plan.grace_window).unwrap_or_default())
+        .ok()
+        .map(Time);
+    Ok(Outcome::Done)
+}

@@ -1,0 +1,48 @@
+//! Preflight: checks everything that can be checked without changing anything.
+
+use super::super::view::View;
+use crate::crd::keys::restart_annotation;
+use crate::decide::{self, Outcome};
+use crate::error::{Error, Result};
+use crate::reason::Reason;
+
+pub async fn step(v: &mut View) -> Result<Outcome> {
+    let plan = v.plan()?.clone();
+    let spec = &v.sr.spec;
+    if let Some(cron) = spec.schedule.as_ref().and_then(|s| s.cron.as_deref())
+        && !decide::cron_is_valid(cron)
+    {
+        return Err(Error::permanent(
+            Reason::InvalidSpec,
+            "schedule.cron is not a valid cron expression",
+        ));
+    }
+    if !plan.route.nothing_to_prove && plan.proof_timeout >= plan.grace_window {
+        return Err(Error::permanent(
+            Reason::GraceWindowTooShort,
+            format!(
+                "proof.timeout ({}) must be shorter than oldValueValidFor ({}): a slow proof would outlive the old value",
+                spec.proof.timeout, spec.old_value_valid_for
+            ),
+        ));
+    }
+    let mut current = None;
+    for target in &plan.targets {
+        let store = v.store(target).await?;
+        store.preflight().await?;
+        if current.is_none() {
+            current = store.read_current().await?;
+        }
+    }
+    v.source()?.preflight(current.as_ref()).await?;
+    let eso = v.ctx.providers.sync(&v.namespace);
+    for es in &spec.proof.external_secrets {
+        eso.preflight(es).await?;
+    }
+    let workloads = v.ctx.providers.rollouts(&v.namespace);
+    let annotation = restart_annotation(&v.name);
+    for w in &spec.proof.workloads {
+        workloads.observe(w, &annotation).await?;
+    }
+    Ok(Outcome::Done)
+}

@@ -1,0 +1,62 @@
+//! AwaitingRollout: restarts each workload once per rotation (Trigger) or
+//! waits for another restarter (Await), then waits for complete rollouts.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::super::view::View;
+use crate::crd::RestartMode;
+use crate::crd::keys::restart_annotation;
+use crate::decide::{self, Outcome};
+use crate::error::{Error, Result};
+use crate::reason::Reason;
+
+pub async fn step(v: &mut View) -> Result<Outcome> {
+    let rot = v.rotation().clone();
+    let workloads = v.ctx.providers.rollouts(&v.namespace);
+    let annotation = restart_annotation(&v.name);
+    let mut waiting = vec![];
+    for w in &v.sr.spec.proof.workloads {
+        let o = workloads.observe(w, &annotation).await?;
+        let restarted = match v.sr.spec.proof.restart {
+            RestartMode::Trigger => {
+                if o.stamped.as_deref() != Some(rot.id.as_str()) {
+                    workloads.restart(w, &annotation, &rot.id).await?;
+                    waiting.push(format!("{:?} {} restarting", w.kind, w.name));
+                    continue;
+                }
+                true
+            }
+            RestartMode::Await => rot
+                .workload_baselines
+                .iter()
+                .find(|b| b.kind == w.kind && b.name == w.name)
+                .is_some_and(|b| o.template != b.template),
+        };
+        if !restarted {
+            waiting.push(format!(
+                "{:?} {} not restarted yet (restart: Await)",
+                w.kind, w.name
+            ));
+        } else if !decide::rollout_complete(&o.facts) {
+            waiting.push(format!(
+                "{:?} {} rolling out ({}/{} updated, {} ready, {} available)",
+                w.kind, w.name, o.facts.updated, o.facts.desired, o.facts.ready, o.facts.available
+            ));
+        }
+    }
+    if waiting.is_empty() {
+        v.rotation_mut().rolled_out_at = Some(Time(v.now));
+        return Ok(Outcome::Done);
+    }
+    let waiting = waiting.join("; ");
+    if v.phase_timed_out() {
+        return Err(Error::permanent(
+            Reason::RolloutTimeout,
+            format!(
+                "the rollout did not complete within {}: {waiting}",
+                v.sr.spec.proof.timeout
+            ),
+        ));
+    }
+    Ok(Outcome::Waiting(waiting))
+}

@@ -1,0 +1,75 @@
+//! The seam where the machine gets its sources, stores and proofs. The real
+//! set talks to identity providers, Secrets Managers, ESO and workloads; a
+//! test can hand the machine in-memory ones that record every call.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::deps::Deps;
+use crate::error::Result;
+use crate::plan::{SourcePlan, TargetPlan};
+use crate::proof::eso::ExternalSecrets;
+use crate::proof::rollout::Workloads;
+use crate::proof::{RolloutProof, SyncProof};
+use crate::source::{self, CredentialSource};
+use crate::store::{self, Store};
+
+/// Builds what one rotation acts on.
+#[async_trait]
+pub trait Providers: Send + Sync {
+    /// The source a plan names. `name` is the SecretRotation's.
+    fn source(
+        &self,
+        plan: &SourcePlan,
+        namespace: &str,
+        name: &str,
+        old_value_valid_for: &str,
+    ) -> Box<dyn CredentialSource>;
+    /// The store of a target (may read its credentials from Secrets).
+    async fn store(
+        &self,
+        target: &TargetPlan,
+        namespace: &str,
+        rotation: &str,
+    ) -> Result<Box<dyn Store>>;
+    /// The ExternalSecrets of a namespace.
+    fn sync(&self, namespace: &str) -> Arc<dyn SyncProof>;
+    /// The workloads of a namespace.
+    fn rollouts(&self, namespace: &str) -> Arc<dyn RolloutProof>;
+}
+
+/// The providers of a running operator.
+pub struct RealProviders {
+    pub deps: Deps,
+}
+
+#[async_trait]
+impl Providers for RealProviders {
+    fn source(
+        &self,
+        plan: &SourcePlan,
+        namespace: &str,
+        name: &str,
+        old_value_valid_for: &str,
+    ) -> Box<dyn CredentialSource> {
+        source::build(plan, &self.deps, namespace, name, old_value_valid_for)
+    }
+
+    async fn store(
+        &self,
+        target: &TargetPlan,
+        namespace: &str,
+        rotation: &str,
+    ) -> Result<Box<dyn Store>> {
+        store::build(target, &self.deps, namespace, rotation).await
+    }
+
+    fn sync(&self, namespace: &str) -> Arc<dyn SyncProof> {
+        Arc::new(ExternalSecrets::new(self.deps.client.clone(), namespace))
+    }
+
+    fn rollouts(&self, namespace: &str) -> Arc<dyn RolloutProof> {
+        Arc::new(Workloads::new(self.deps.client.clone(), namespace))
+    }
+}

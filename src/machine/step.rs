@@ -1,0 +1,93 @@
+//! One reconcile: load, step, transition, record, requeue.
+
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+
+use super::view::View;
+use super::{announce, phases};
+use crate::crd::Phase;
+use crate::crd::keys::CONFIRM_ANNOTATION;
+use crate::decide::{self, Next, OnTransient, Outcome, Route};
+use crate::error::{Error, Result};
+use crate::reason::Reason;
+
+pub(super) async fn reconcile(mut v: View) -> Result<Action> {
+    if v.status.rotation.is_none() {
+        return phases::idle::run(&mut v).await;
+    }
+    phases::grace::watch(&mut v).await;
+    phases::idle::note_pending_request(&mut v);
+    let fingerprint = v.spec_fingerprint();
+    if fingerprint != v.rotation().spec_fingerprint {
+        if !decide::spec_change_allowed(v.phase()) {
+            // What was issued, written and proven belongs to the old spec.
+            let err = Error::permanent(
+                Reason::SpecChangedDuringRotation,
+                "spec.credential, targets or proof changed during the rotation; the old value was not invalidated. Request a new rotation",
+            );
+            return phases::fail::run(&mut v, err).await;
+        }
+        v.rotation_mut().spec_fingerprint = fingerprint;
+    }
+    let phase = v.phase();
+    match step(&mut v, phase).await {
+        Ok(outcome) => apply(&mut v, phase, outcome).await,
+        Err(e) if e.permanent => phases::fail::run(&mut v, e).await,
+        Err(e) => match decide::on_transient_error(phase, v.phase_timed_out()) {
+            OnTransient::Retry => {
+                v.set_rotating(&format!("retrying after error: {e}"));
+                v.write_status().await?;
+                Ok(Action::requeue(v.ctx.poll.max(Duration::from_secs(2))))
+            }
+            OnTransient::GiveUp => {
+                let message = format!("{} (gave up after {})", e.message, v.sr.spec.proof.timeout);
+                let err = Error {
+                    message,
+                    permanent: true,
+                    ..e
+                };
+                phases::fail::run(&mut v, err).await
+            }
+        },
+    }
+}
+
+/// Runs the step of `phase`.
+async fn step(v: &mut View, phase: Phase) -> Result<Outcome> {
+    match phase {
+        Phase::Pending => Ok(Outcome::Done),
+        Phase::AwaitingApproval => Ok(phases::approval::step(v)),
+        Phase::Preflight => phases::preflight::step(v).await,
+        Phase::Issuing => phases::issuing::step(v).await,
+        Phase::Writing => phases::writing::step(v).await,
+        Phase::AwaitingSync => phases::sync::step(v).await,
+        Phase::AwaitingRollout => phases::rollout::step(v).await,
+        Phase::Verifying => phases::verify::step(v).await,
+        Phase::Invalidating | Phase::AwaitingConfirmation => phases::invalidate::step(v).await,
+        Phase::RollingBack => phases::rollback::step(v).await,
+        Phase::Succeeded | Phase::Failed | Phase::DryRunSucceeded => Ok(Outcome::Done),
+    }
+}
+
+/// Asks the transition table where to go, and goes.
+async fn apply(v: &mut View, phase: Phase, outcome: Outcome) -> Result<Action> {
+    let route = Route::of(&v.sr.spec);
+    match decide::next(phase, route, &outcome) {
+        Next::Stay => {
+            let awaited = match outcome {
+                Outcome::Waiting(what) => what,
+                Outcome::NeedsConfirmation | Outcome::Done => format!(
+                    "invalidate the old value at the identity provider, then: kubectl annotate secretrotation {} {CONFIRM_ANNOTATION}={}",
+                    v.name,
+                    v.rotation().id
+                ),
+            };
+            v.set_rotating(&awaited);
+            v.write_status().await?;
+            Ok(Action::requeue(v.ctx.poll))
+        }
+        Next::Enter(next) => announce::advance(v, next).await,
+        Next::End(result) => phases::finish::run(v, result).await,
+    }
+}

@@ -1,0 +1,242 @@
+//! The per-reconcile view of one SecretRotation: the object, its parsed
+//! plan, the status as read and as being rewritten, and the clock reading.
+//! Status and conditions are changed here and written in one apply.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+use super::{Context, MANAGER};
+use crate::crd::{Phase, RotationStatus, SecretRotation, SecretRotationStatus};
+use crate::decide;
+use crate::error::{Error, Result};
+use crate::metrics::RotationLabels;
+use crate::plan::{Plan, TargetPlan};
+use crate::reason::Reason;
+use crate::source::CredentialSource;
+use crate::store::Store;
+use crate::value::SecretValue;
+use crate::wal::Wal;
+
+/// Condition types rekey sets.
+pub mod condition {
+    /// The last rotation succeeded (False after a failure).
+    pub const READY: &str = "Ready";
+    /// A rotation is in progress; the reason is its phase.
+    pub const ROTATING: &str = "Rotating";
+    /// Proof is late relative to `oldValueValidFor`.
+    pub const GRACE_WINDOW_AT_RISK: &str = "GraceWindowAtRisk";
+}
+
+pub struct View {
+    pub sr: Arc<SecretRotation>,
+    pub ctx: Arc<Context>,
+    pub namespace: String,
+    pub name: String,
+    /// The spec, parsed once; phases that act on it ask for it with `plan()`.
+    plan: Result<Plan>,
+    /// The status as last written.
+    pub written: SecretRotationStatus,
+    /// The status being computed.
+    pub status: SecretRotationStatus,
+    pub now: Timestamp,
+}
+
+impl View {
+    pub fn new(sr: Arc<SecretRotation>, ctx: Arc<Context>) -> Self {
+        let status = sr.status.clone().unwrap_or_default();
+        Self {
+            namespace: sr.namespace().unwrap_or_default(),
+            name: sr.name_any(),
+            plan: Plan::from_spec(&sr.spec),
+            written: status.clone(),
+            status,
+            now: (ctx.clock)(),
+            sr,
+            ctx,
+        }
+    }
+
+    pub fn plan(&self) -> Result<&Plan> {
+        self.plan.as_ref().map_err(Clone::clone)
+    }
+
+    pub fn annotations(&self) -> &BTreeMap<String, String> {
+        self.sr.annotations()
+    }
+
+    pub fn rotation(&self) -> &RotationStatus {
+        self.status.rotation.as_ref().expect("rotation in progress")
+    }
+
+    pub fn rotation_mut(&mut self) -> &mut RotationStatus {
+        self.status.rotation.as_mut().expect("rotation in progress")
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.status.phase.unwrap_or(Phase::Pending)
+    }
+
+    /// Fingerprint of what a rotation acts on: a change after Issuing fails it.
+    pub fn spec_fingerprint(&self) -> String {
+        let spec = &self.sr.spec;
+        crate::fingerprint::of_json(&(&spec.credential, &spec.targets, &spec.proof))
+    }
+
+    pub fn labels(&self) -> RotationLabels {
+        RotationLabels {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    // ---- what the rotation acts on ----
+
+    pub fn source(&self) -> Result<Box<dyn CredentialSource>> {
+        let plan = self.plan()?;
+        Ok(self.ctx.providers.source(
+            &plan.source,
+            &self.namespace,
+            &self.name,
+            &self.sr.spec.old_value_valid_for,
+        ))
+    }
+
+    pub async fn store(&self, target: &TargetPlan) -> Result<Box<dyn Store>> {
+        self.ctx
+            .providers
+            .store(target, &self.namespace, &self.name)
+            .await
+    }
+
+    pub fn wal(&self) -> Wal {
+        Wal::new(self.ctx.client.clone(), &self.sr)
+    }
+
+    /// The new value, from the write-ahead record.
+    pub async fn new_value(&self) -> Result<SecretValue> {
+        let id = &self.rotation().id;
+        self.wal().read(id).await?.map(|r| r.new).ok_or_else(|| {
+            Error::permanent(
+                Reason::WriteAheadRecordMissing,
+                format!("the write-ahead record of rotation {id} is gone"),
+            )
+        })
+    }
+
+    /// Whether the current phase has spent `proof.timeout`. A spec whose
+    /// timeout does not parse has no budget left.
+    pub fn phase_timed_out(&self) -> bool {
+        let Ok(plan) = self.plan() else {
+            return true;
+        };
+        let since = self
+            .rotation()
+            .phase_started_at
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or(self.now);
+        decide::timed_out(since, plan.proof_timeout, self.now)
+    }
+
+    // ---- status ----
+
+    pub fn written_condition_reason(&self, type_: &str) -> Option<&str> {
+        self.written
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.reason.as_str())
+    }
+
+    pub fn has_condition(&self, type_: &str) -> bool {
+        self.status.conditions.iter().any(|c| c.type_ == type_)
+    }
+
+    pub fn set_rotating(&mut self, message: &str) {
+        let phase = self.phase().as_str();
+        self.set_condition(condition::ROTATING, "True", phase, message);
+    }
+
+    pub fn set_condition(&mut self, type_: &str, status: &str, reason: &str, message: &str) {
+        let generation = self.sr.metadata.generation;
+        let now = self.now;
+        let conditions = &mut self.status.conditions;
+        match conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition_time = Time(now);
+                }
+                c.status = status.into();
+                c.reason = reason.into();
+                c.message = message.into();
+                c.observed_generation = generation;
+            }
+            None => conditions.push(Condition {
+                type_: type_.into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.into(),
+                observed_generation: generation,
+                last_transition_time: Time(now),
+            }),
+        }
+    }
+
+    /// Server-side applies the whole status, and only when it changed.
+    pub async fn write_status(&mut self) -> Result<()> {
+        if self.status == self.written {
+            return Ok(());
+        }
+        let api: Api<SecretRotation> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "rekey.dev/v1alpha1",
+            "kind": "SecretRotation",
+            "status": self.status,
+        });
+        let updated = api
+            .patch_status(
+                &self.name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|e| Error::kube("write status", e))?;
+        if let Some(rv) = updated.resource_version().and_then(|v| v.parse().ok()) {
+            self.ctx
+                .written
+                .lock()
+                .unwrap()
+                .insert((self.namespace.clone(), self.name.clone()), rv);
+        }
+        self.written = self.status.clone();
+        if let Some(hook) = &self.ctx.on_status_written {
+            hook(self.phase());
+        }
+        Ok(())
+    }
+
+    pub async fn event(&self, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Rotate".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.sr.object_ref(&()))
+            .await
+        {
+            warn!(error = %e, "could not publish event");
+        }
+    }
+}

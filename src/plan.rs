@@ -1,0 +1,206 @@
+//! The spec, parsed once per reconcile into what the machine acts on: typed
+//! durations and exhaustive source and store enums. A new store is one
+//! `StorePlan` variant, one file under `src/store/` and its CRD field; the
+//! compiler finds every other place.
+
+use std::time::Duration;
+
+use crate::crd::{
+    AwsSecretsManagerTarget, FailurePolicy, GeneratedSource, IbmSecretsManagerTarget,
+    KeycloakSource, KubernetesSecretTarget, ManualSource, SecretRotationSpec, Target,
+    WebhookSource,
+};
+use crate::decide::Route;
+use crate::duration;
+use crate::error::{Error, Result};
+use crate::reason::Reason;
+
+/// What one rotation acts on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub source: SourcePlan,
+    pub targets: Vec<TargetPlan>,
+    /// `oldValueValidFor`: the identity provider's grace window.
+    pub grace_window: Duration,
+    /// `proof.timeout`: the time budget of each wait.
+    pub proof_timeout: Duration,
+    pub route: Route,
+    pub on_failure: FailurePolicy,
+}
+
+/// Where new values come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourcePlan {
+    Generated(GeneratedSource),
+    Webhook(WebhookSource),
+    Manual(ManualSource),
+    Keycloak(KeycloakSource),
+}
+
+/// One target: its name and its store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetPlan {
+    pub name: String,
+    pub store: StorePlan,
+}
+
+/// Where a target's value is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StorePlan {
+    KubernetesSecret(KubernetesSecretTarget),
+    IbmSecretsManager(IbmSecretsManagerTarget),
+    AwsSecretsManager(AwsSecretsManagerTarget),
+}
+
+impl StorePlan {
+    /// The provider label of the store, for metrics.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            StorePlan::KubernetesSecret(_) => "kubernetes",
+            StorePlan::IbmSecretsManager(_) => "ibm-secrets-manager",
+            StorePlan::AwsSecretsManager(_) => "aws-secrets-manager",
+        }
+    }
+}
+
+impl Plan {
+    /// Parses the spec; refuses (with reason `InvalidSpec`) what admission
+    /// should have refused already, instead of assuming a default.
+    pub fn from_spec(spec: &SecretRotationSpec) -> Result<Plan> {
+        Ok(Plan {
+            grace_window: parse_duration("oldValueValidFor", &spec.old_value_valid_for)?,
+            proof_timeout: parse_duration("proof.timeout", &spec.proof.timeout)?,
+            source: source_plan(spec)?,
+            targets: spec
+                .targets
+                .iter()
+                .map(target_plan)
+                .collect::<Result<_>>()?,
+            route: Route::of(spec),
+            on_failure: spec.on_failure,
+        })
+    }
+}
+
+fn parse_duration(field: &str, value: &str) -> Result<Duration> {
+    duration::parse(value)
+        .ok_or_else(|| Error::permanent(Reason::InvalidSpec, format!("{field} is not a duration")))
+}
+
+fn source_plan(spec: &SecretRotationSpec) -> Result<SourcePlan> {
+    let c = &spec.credential;
+    let set = [
+        c.generated.clone().map(SourcePlan::Generated),
+        c.webhook.clone().map(SourcePlan::Webhook),
+        c.manual.clone().map(SourcePlan::Manual),
+        c.keycloak.clone().map(SourcePlan::Keycloak),
+    ];
+    exactly_one(set).ok_or_else(|| {
+        Error::permanent(
+            Reason::InvalidSpec,
+            "credential must set exactly one source",
+        )
+    })
+}
+
+fn target_plan(target: &Target) -> Result<TargetPlan> {
+    let set = [
+        target
+            .kubernetes_secret
+            .clone()
+            .map(StorePlan::KubernetesSecret),
+        target
+            .ibm_secrets_manager
+            .clone()
+            .map(StorePlan::IbmSecretsManager),
+        target
+            .aws_secrets_manager
+            .clone()
+            .map(StorePlan::AwsSecretsManager),
+    ];
+    let store = exactly_one(set).ok_or_else(|| {
+        Error::permanent(
+            Reason::InvalidSpec,
+            format!("target {} must set exactly one store", target.name),
+        )
+    })?;
+    Ok(TargetPlan {
+        name: target.name.clone(),
+        store,
+    })
+}
+
+fn exactly_one<T, const N: usize>(options: [Option<T>; N]) -> Option<T> {
+    let mut set = options.into_iter().flatten();
+    let first = set.next()?;
+    set.next().is_none().then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(v: serde_json::Value) -> SecretRotationSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn parses_durations_sources_and_stores() {
+        let plan = Plan::from_spec(&spec(serde_json::json!({
+            "credential": {"generated": {}},
+            "oldValueValidFor": "1h",
+            "targets": [{"name": "t", "kubernetesSecret": {"name": "s", "key": "k"}}],
+            "proof": {"nothingToProve": true, "timeout": "90s"}
+        })))
+        .unwrap();
+        assert_eq!(plan.grace_window, Duration::from_secs(3600));
+        assert_eq!(plan.proof_timeout, Duration::from_secs(90));
+        assert!(matches!(plan.source, SourcePlan::Generated(_)));
+        assert_eq!(plan.targets[0].store.provider(), "kubernetes");
+        assert!(plan.route.nothing_to_prove);
+    }
+
+    #[test]
+    fn refuses_instead_of_assuming_a_default() {
+        for (field, v) in [
+            (
+                "oldValueValidFor",
+                serde_json::json!({"oldValueValidFor": "soon"}),
+            ),
+            (
+                "proof.timeout",
+                serde_json::json!({"proof": {"nothingToProve": true, "timeout": "-1m"}}),
+            ),
+        ] {
+            let mut base = serde_json::json!({
+                "credential": {"generated": {}},
+                "targets": [{"name": "t", "kubernetesSecret": {"name": "s", "key": "k"}}],
+                "proof": {"nothingToProve": true}
+            });
+            for (k, x) in v.as_object().unwrap() {
+                base[k] = x.clone();
+            }
+            let err = Plan::from_spec(&spec(base)).unwrap_err();
+            assert_eq!(err.reason, Reason::InvalidSpec);
+            assert!(err.message.contains(field), "{}", err.message);
+        }
+        let two_sources = spec(serde_json::json!({
+            "credential": {"generated": {}, "manual": {"secretRef": {"name": "m", "key": "k"}}},
+            "targets": [{"name": "t", "kubernetesSecret": {"name": "s", "key": "k"}}],
+            "proof": {"nothingToProve": true}
+        }));
+        assert_eq!(
+            Plan::from_spec(&two_sources).unwrap_err().reason,
+            Reason::InvalidSpec
+        );
+        let no_store = spec(serde_json::json!({
+            "credential": {"generated": {}},
+            "targets": [{"name": "t"}],
+            "proof": {"nothingToProve": true}
+        }));
+        assert_eq!(
+            Plan::from_spec(&no_store).unwrap_err().reason,
+            Reason::InvalidSpec
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! The vocabulary of failure reasons. A reason is the `Ready` condition's
+//! reason after a failure, `status.rotation.failure.reason`, the `reason`
+//! label of `rekey_rotations_finished_total`, and the first word of every
+//! error message. Each one is documented for users in docs/concepts.md
+//! (a unit test below keeps that true).
+
+use std::fmt;
+
+/// How the machine treats an error of this reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// Fails the rotation at once: retrying cannot help.
+    Never,
+    /// Retried until the phase's time budget (`proof.timeout`) runs out.
+    UntilTimeout,
+    /// Decided per error (e.g. by the HTTP status the API server answered).
+    PerError,
+}
+
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $name:ident: $retry:ident,)*) => {
+        /// Why a rotation step failed.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $name,)*
+        }
+
+        impl Reason {
+            /// Every reason.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            /// The CamelCase text users see.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$name => stringify!($name),)*
+                }
+            }
+
+            /// Whether an error of this reason is retried.
+            pub fn retry(self) -> Retry {
+                match self {
+                    $(Reason::$name => Retry::$retry,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    // Spec and rotation rules.
+    /// The spec cannot be acted on (a duration, cron expression or store setting).
+    InvalidSpec: Never,
+    /// `proof.timeout` is not shorter than `oldValueValidFor`.
+    GraceWindowTooShort: Never,
+    /// `credential`, `targets` or `proof` changed after Preflight.
+    SpecChangedDuringRotation: Never,
+    /// The source returned the value a target already holds.
+    NewValueNotNew: Never,
+    /// The write-ahead record of the rotation is gone.
+    WriteAheadRecordMissing: Never,
+    /// A bug in rekey (an object it built was refused).
+    Internal: Never,
+    // Proof.
+    /// An ExternalSecret did not deliver the new value within `proof.timeout`.
+    SyncTimeout: Never,
+    /// A workload did not complete its rollout within `proof.timeout`.
+    RolloutTimeout: Never,
+    /// A rollback was not synced within `proof.timeout`.
+    RollbackTimeout: Never,
+    /// An ExternalSecret ignores refresh requests.
+    RefreshNotHonoured: Never,
+    /// A named ExternalSecret does not exist.
+    ExternalSecretNotFound: Never,
+    /// A named workload does not exist.
+    WorkloadNotFound: Never,
+    /// A referenced Secret does not exist.
+    SecretNotFound: Never,
+    /// A referenced Secret lacks the key, or it is empty.
+    SecretKeyMissing: Never,
+    /// The Kubernetes API answered with an error (permanent for 400, 403, 404, 422).
+    KubernetesApiError: PerError,
+    /// The proof succeeded but the old value could not be invalidated.
+    InvalidationFailed: PerError,
+    // Sources.
+    /// The manual Secret still holds the current value.
+    ManualValueUnchanged: Never,
+    /// The webhook could not be reached.
+    WebhookUnreachable: UntilTimeout,
+    /// The webhook answered 5xx.
+    WebhookError: UntilTimeout,
+    /// The webhook answered 4xx.
+    WebhookRejected: Never,
+    /// The webhook's answer held no usable value.
+    WebhookBadResponse: Never,
+    /// The identity provider refused a token request with the new value.
+    NewValueRejected: Never,
+    /// Keycloak could not be reached.
+    KeycloakUnreachable: UntilTimeout,
+    /// Keycloak answered 5xx or an unreadable answer.
+    KeycloakError: PerError,
+    /// Keycloak refused the admin credentials.
+    KeycloakCredentialsRejected: Never,
+    /// Keycloak answered 404 (realm or object).
+    KeycloakNotFound: Never,
+    /// Keycloak answered another 4xx.
+    KeycloakRejected: Never,
+    /// The client id does not exist in the realm.
+    KeycloakClientNotFound: Never,
+    /// The client is public or bearer-only: it has no secret.
+    KeycloakClientNotConfidential: Never,
+    /// The client has no service account, so the new secret cannot be tried.
+    KeycloakCannotVerify: Never,
+    /// The client's rotated-expiration-period is shorter than `oldValueValidFor`.
+    KeycloakGraceWindowTooShort: Never,
+    /// No enabled client policy applies a secret-rotation profile to the client.
+    KeycloakRotationPolicyMissing: Never,
+    /// The stores do not hold the client's current secret.
+    KeycloakTargetsOutOfSync: Never,
+    // Stores.
+    /// IBM IAM could not be reached.
+    IbmIamUnreachable: UntilTimeout,
+    /// IBM IAM answered 5xx or an unreadable token.
+    IbmIamError: UntilTimeout,
+    /// IBM answered 401/403.
+    IbmCredentialsRejected: Never,
+    /// IBM Secrets Manager could not be reached.
+    IbmSecretsManagerUnreachable: UntilTimeout,
+    /// IBM Secrets Manager answered 5xx or an unreadable answer.
+    IbmSecretsManagerError: PerError,
+    /// IBM Secrets Manager answered another 4xx.
+    IbmSecretsManagerRejected: Never,
+    /// IBM Secrets Manager answered 404.
+    IbmSecretNotFound: Never,
+    /// IBM Secrets Manager answered 412: a version is locked.
+    IbmSecretLocked: Never,
+    /// IBM Secrets Manager answered 429.
+    IbmRateLimited: UntilTimeout,
+    /// The IBM secret type is not arbitrary, kv or username_password.
+    IbmUnsupportedSecretType: Never,
+    /// The written IBM version did not become current.
+    IbmWriteNotCurrent: Never,
+    /// AWS refused the credentials.
+    AwsCredentialsRejected: Never,
+    /// The AWS secret does not exist.
+    AwsSecretNotFound: Never,
+    /// AWS refused the request.
+    AwsSecretsManagerRejected: Never,
+    /// AWS answered with a server error or could not be reached.
+    AwsSecretsManagerError: UntilTimeout,
+    /// The written AWS version did not become AWSCURRENT.
+    AwsWriteNotCurrent: UntilTimeout,
+    /// A rollback found no previous AWS version.
+    AwsNoPreviousVersion: Never,
+    /// The AWS secret holds no string value.
+    AwsSecretEmpty: Never,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    #[test]
+    fn every_reason_is_documented_for_users() {
+        let docs = include_str!("../docs/concepts.md");
+        let missing: Vec<&str> = Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .filter(|r| !docs.contains(&format!("`{r}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "reasons missing from docs/concepts.md: {missing:?}"
+        );
+    }
+}
