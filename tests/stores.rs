@@ -106,14 +106,17 @@ async fn ibm_store_writes_one_version_per_rotation_and_maps_errors() {
         .write(&SecretValue::new(common::canary("fourth")), "rot-3")
         .await
         .unwrap_err();
-    assert_eq!((err.reason, err.permanent), ("IbmSecretLocked", true));
+    assert_eq!(
+        (err.reason.as_str(), err.permanent),
+        ("IbmSecretLocked", true)
+    );
     // Wrong credentials and a wrong id.
     let err = ibm_store(&ibm_target(&emu, &id), "bad-key")
         .read_current()
         .await
         .unwrap_err();
     assert_eq!(
-        (err.reason, err.permanent),
+        (err.reason.as_str(), err.permanent),
         ("IbmCredentialsRejected", true)
     );
     let err = ibm_store(
@@ -123,7 +126,10 @@ async fn ibm_store_writes_one_version_per_rotation_and_maps_errors() {
     .read_current()
     .await
     .unwrap_err();
-    assert_eq!((err.reason, err.permanent), ("IbmSecretNotFound", true));
+    assert_eq!(
+        (err.reason.as_str(), err.permanent),
+        ("IbmSecretNotFound", true)
+    );
     assert!(
         !err.message.contains("Secret not found"),
         "no response body in messages"
@@ -311,7 +317,7 @@ async fn aws_store_follows_the_staging_label_model_on_moto() {
         .preflight()
         .await
         .unwrap_err();
-    assert_eq!(err.reason, "AwsSecretNotFound");
+    assert_eq!(err.reason.as_str(), "AwsSecretNotFound");
 }
 
 /// SecretStore `aws` (ESO's AWS provider, which the harness points at moto).

@@ -72,14 +72,30 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
         .await
         .unwrap();
     // Pods are refused until the ServiceAccount controller made `default`.
+    // Each read has its own timeout, so a stuck API server cannot stretch the
+    // deadline; on failure the message carries kube-controller-manager's
+    // status and log tail.
     let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
         Api::namespaced(client.clone(), &name);
-    wait_for(
-        "default ServiceAccount",
-        Duration::from_secs(30),
-        || async { sa.get_opt("default").await.ok().flatten().is_some() },
-    )
-    .await;
+    let timeout = Duration::from_secs(30);
+    let start = Instant::now();
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), sa.get_opt("default")).await;
+        if let Ok(Ok(Some(_))) = read {
+            break;
+        }
+        if start.elapsed() > timeout {
+            let diagnosis = match CLUSTER.get() {
+                Some(Ok(c)) => c.diagnose("kube-controller-manager"),
+                _ => String::new(),
+            };
+            panic!(
+                "timed out after {timeout:?} waiting for the default ServiceAccount in {name} \
+                 (last read: {read:?})\n{diagnosis}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     name
 }
 
