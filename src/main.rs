@@ -34,6 +34,11 @@ enum Command {
         /// Log format: text or json.
         #[arg(long, env = "REKEY_LOG_FORMAT", default_value = "text")]
         log_format: String,
+        /// Hosts that SecretRotations may send credentials to (webhook,
+        /// Keycloak, IBM and AWS endpoint URLs), comma-separated; `*.suffix`
+        /// matches subdomains. Empty: any host.
+        #[arg(long, env = "REKEY_ALLOWED_HOSTS", value_delimiter = ',')]
+        allowed_hosts: Vec<String>,
         /// Enable leader election on a Lease in this namespace (for replicas > 1).
         #[arg(long, env = "REKEY_LEADER_ELECTION_NAMESPACE")]
         leader_election_namespace: Option<String>,
@@ -60,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             poll,
             log_format,
             leader_election_namespace,
+            allowed_hosts,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -73,7 +79,8 @@ async fn main() -> anyhow::Result<()> {
             }
             let client = kube::Client::try_default().await?;
             let metrics = rekey::metrics::Metrics::new();
-            let ctx = rekey::machine::Context::new(client, metrics.clone(), poll);
+            let mut ctx = rekey::machine::Context::new(client, metrics.clone(), poll);
+            ctx.allowed_hosts = (!allowed_hosts.is_empty()).then_some(allowed_hosts);
             tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
             let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics));
             if let Some(ns) = leader_election_namespace {

@@ -52,6 +52,14 @@ pub enum StorePlan {
     AwsSecretsManager(AwsSecretsManagerTarget),
 }
 
+impl TargetPlan {
+    /// Whether the target lives outside the SecretRotation's namespace.
+    pub fn crosses_namespace(&self, home: &str) -> bool {
+        matches!(&self.store, StorePlan::KubernetesSecret(k)
+            if k.namespace.as_deref().is_some_and(|n| n != home))
+    }
+}
+
 impl StorePlan {
     /// The provider label of the store, for metrics.
     pub fn provider(&self) -> &'static str {
@@ -80,6 +88,49 @@ impl Plan {
             on_failure: spec.on_failure,
         })
     }
+}
+
+impl Plan {
+    /// Every URL rekey will call for this rotation, with the field naming it.
+    pub fn outbound_urls(&self) -> Vec<(&'static str, &str)> {
+        let mut urls = match &self.source {
+            SourcePlan::Webhook(w) => vec![
+                ("credential.webhook.issueUrl", w.issue_url.as_str()),
+                ("credential.webhook.invalidateUrl", w.invalidate_url.as_str()),
+            ],
+            SourcePlan::Keycloak(k) => vec![("credential.keycloak.url", k.url.as_str())],
+            SourcePlan::Generated(_) | SourcePlan::Manual(_) => vec![],
+        };
+        for t in &self.targets {
+            match &t.store {
+                StorePlan::IbmSecretsManager(i) => {
+                    urls.push(("ibmSecretsManager.serviceUrl", i.service_url.as_str()));
+                    urls.push(("ibmSecretsManager.iamUrl", i.iam_url.as_str()));
+                }
+                StorePlan::AwsSecretsManager(a) => {
+                    if let Some(e) = a.endpoint.as_deref() {
+                        urls.push(("awsSecretsManager.endpoint", e));
+                    }
+                }
+                StorePlan::KubernetesSecret(_) => {}
+            }
+        }
+        urls
+    }
+}
+
+/// Whether `url`'s host matches one of `allowed` (exact, or `*.suffix`).
+pub fn host_allowed(url: &str, allowed: &[String]) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = parsed.host_str() else {
+        return false;
+    };
+    allowed.iter().any(|a| match a.strip_prefix("*.") {
+        Some(suffix) => host.ends_with(&format!(".{suffix}")),
+        None => host == a,
+    })
 }
 
 fn parse_duration(field: &str, value: &str) -> Result<Duration> {
@@ -158,6 +209,17 @@ mod tests {
         assert!(matches!(plan.source, SourcePlan::Generated(_)));
         assert_eq!(plan.targets[0].store.provider(), "kubernetes");
         assert!(plan.route.nothing_to_prove);
+    }
+
+    #[test]
+    fn hosts_match_exactly_or_by_suffix() {
+        let allowed = vec!["kc.example.com".to_string(), "*.appdomain.cloud".to_string()];
+        assert!(host_allowed("https://kc.example.com/realms", &allowed));
+        assert!(host_allowed("https://x.eu-de.appdomain.cloud", &allowed));
+        assert!(!host_allowed("https://appdomain.cloud", &allowed));
+        assert!(!host_allowed("https://kc.example.com.evil.io", &allowed));
+        assert!(!host_allowed("http://127.0.0.1:8080/issue", &allowed));
+        assert!(!host_allowed("not a url", &allowed));
     }
 
     #[test]

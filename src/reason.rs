@@ -60,6 +60,16 @@ reasons! {
     WriteAheadRecordMissing: Never,
     /// A bug in rekey (an object it built was refused).
     Internal: Never,
+    /// A kubernetesSecret target exists, was not created by rekey, and
+    /// `adoptExisting` is not set.
+    TargetSecretNotAdopted: Never,
+    /// A kubernetesSecret target has an owner reference or is managed by ESO.
+    TargetSecretManaged: Never,
+    /// A kubernetesSecret target in another namespace carries no grant for
+    /// this SecretRotation's namespace.
+    TargetNamespaceNotGranted: Never,
+    /// A URL of the spec names a host outside the operator's `--allowed-hosts`.
+    HostNotAllowed: Never,
     // Proof.
     /// An ExternalSecret did not deliver the new value within `proof.timeout`.
     SyncTimeout: Never,
@@ -79,6 +89,9 @@ reasons! {
     SecretKeyMissing: Never,
     /// The Kubernetes API answered with an error (permanent for 400, 403, 404, 422).
     KubernetesApiError: PerError,
+    /// Right before invalidation, a store, synced Secret or workload no
+    /// longer held the new value (someone changed it after the proof).
+    ProofLost: Never,
     /// The proof succeeded but the old value could not be invalidated.
     InvalidationFailed: PerError,
     // Sources.

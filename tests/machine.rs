@@ -58,6 +58,9 @@ struct World {
     effects: Vec<String>,
     /// Stop the machine after this many more effects.
     budget: Option<usize>,
+    /// Another writer replaces the prod value while the source verifies
+    /// (between the proof and the invalidation).
+    intrude_on_verify: bool,
 }
 
 impl World {
@@ -136,6 +139,16 @@ impl CredentialSource for FakeSource {
         effect(&self.0, "source.issue".into());
         Ok(SecretValue::new(v))
     }
+    async fn verify(&self, _value: &SecretValue) -> Result<()> {
+        let mut w = self.0.lock().unwrap();
+        if w.intrude_on_verify {
+            w.stores
+                .get_mut(TARGETS[1])
+                .unwrap()
+                .push(("someone-else".into(), common::canary("intruder")));
+        }
+        Ok(())
+    }
     async fn invalidate(
         &self,
         rotation_id: &str,
@@ -200,7 +213,9 @@ impl SyncProof for FakeSync {
         _proof: &ExternalSecretProof,
         token: &str,
         expected: &SecretValue,
+        synced_after: Option<&str>,
     ) -> Result<SyncState> {
+        assert_eq!(synced_after.is_some(), !token.ends_with("-rollback"));
         let requested = {
             let mut w = self.0.lock().unwrap();
             if w.refreshes.iter().any(|t| t == token) {
@@ -215,12 +230,27 @@ impl SyncProof for FakeSync {
         if requested {
             effect(&self.0, "eso.refresh".into());
         }
-        let w = self.0.lock().unwrap();
-        Ok(if w.delivered == expected.expose() {
+        let now = format!("synced-{}", self.0.lock().unwrap().refreshes.len());
+        if synced_after == Some(now.as_str()) {
+            return Ok(SyncState::Waiting("not synced since the request".into()));
+        }
+        Ok(self.state(expected))
+    }
+    async fn synced_version(&self, _proof: &ExternalSecretProof) -> Result<String> {
+        Ok(format!("synced-{}", self.0.lock().unwrap().refreshes.len()))
+    }
+    async fn check(&self, _proof: &ExternalSecretProof, expected: &SecretValue) -> Result<SyncState> {
+        Ok(self.state(expected))
+    }
+}
+
+impl FakeSync {
+    fn state(&self, expected: &SecretValue) -> SyncState {
+        if self.0.lock().unwrap().delivered == expected.expose() {
             SyncState::Synced
         } else {
             SyncState::Waiting("not synced".into())
-        })
+        }
     }
 }
 
@@ -305,18 +335,24 @@ fn context(client: &Client, world: &Shared, clock: &Arc<Mutex<Timestamp>>) -> Ar
 
 struct Run {
     result: Option<Phase>,
+    failure: Option<rekey::crd::Failure>,
     crashed_after: Option<String>,
     wal_left: bool,
 }
 
 /// Drives one SecretRotation to its end, crashing once after `stop_after`
 /// effects (None: a clean run).
-async fn run(
+async fn run(client: &Client, ns: &str, name: &str, world: &Shared, stop_after: Option<usize>) -> Run {
+    run_with_timeout(client, ns, name, world, stop_after, "10m").await
+}
+
+async fn run_with_timeout(
     client: &Client,
     ns: &str,
     name: &str,
     world: &Shared,
     stop_after: Option<usize>,
+    timeout: &str,
 ) -> Run {
     let spec = json!({
         "credential": {"generated": {}},
@@ -325,7 +361,7 @@ async fn run(
         "proof": {
             "externalSecrets": [{"name": "app-creds", "key": "k"}],
             "workloads": [{"kind": "Deployment", "name": "app"}],
-            "timeout": "10m"
+            "timeout": timeout
         }
     });
     common::fixtures::create_rotation(client, ns, name, spec).await;
@@ -351,6 +387,7 @@ async fn run(
                     .unwrap()
                     .is_some();
             return Run {
+                failure: status.last_rotation.as_ref().and_then(|l| l.failure.clone()),
                 result: status.last_rotation.map(|l| l.result),
                 crashed_after,
                 wal_left,
@@ -368,6 +405,7 @@ async fn run(
     }
     Run {
         result: None,
+        failure: None,
         crashed_after,
         wal_left: true,
     }
@@ -477,4 +515,27 @@ async fn a_crash_after_any_effect_or_status_write_still_ends_in_one_proven_rotat
         left.is_empty(),
         "write-ahead record left behind after a crash at {left:?}"
     );
+}
+
+/// The final re-check (issue: nothing was read again between the proof and
+/// the invalidate call): another writer replaces one store's value after the
+/// proof. The old value must stay valid, and the rotation must not report
+/// success with a version that is no longer current.
+#[tokio::test]
+async fn a_store_changed_after_the_proof_is_never_invalidated() {
+    let (c, client, ns) = common::setup("machine-recheck").await;
+    common::fixtures::install_crd(c);
+    let world = Arc::new(Mutex::new(World::new()));
+    world.lock().unwrap().intrude_on_verify = true;
+    let r = run_with_timeout(&client, &ns, "recheck", &world, None, "10s").await;
+    let w = world.lock().unwrap();
+    assert!(
+        w.invalidations.is_empty(),
+        "invalidated although prod no longer held the new value"
+    );
+    assert_eq!(r.result, Some(Phase::Failed));
+    let failure = r.failure.unwrap();
+    assert_eq!(failure.reason, "ProofLost");
+    assert_eq!(failure.phase, Phase::Invalidating);
+    assert!(failure.message.contains("target prod"), "{}", failure.message);
 }

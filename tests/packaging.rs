@@ -61,6 +61,48 @@ fn chart_lints_and_ships_the_committed_crd() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("leaderElection.enabled=true"));
 }
 
+/// The chart is safe by default: no two controllers during an upgrade
+/// without leader election, no cluster-wide Secret access in cluster mode,
+/// and the outbound allowlist reaches the binary.
+#[test]
+fn chart_defaults_are_safe() {
+    let c = common::cluster_with(common::Options::default());
+    let chart = repo_root().join("charts/rekey").display().to_string();
+    let docs = |extra: &[&str]| -> Vec<serde_yaml::Value> {
+        let mut args = vec!["template", "x", chart.as_str()];
+        args.extend_from_slice(extra);
+        let out = helm(c, &args);
+        out.split("\n---")
+            .filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok())
+            .filter(|d| d.get("kind").is_some())
+            .collect()
+    };
+    let kind = |d: &serde_yaml::Value| d["kind"].as_str().unwrap_or_default().to_string();
+    let default = docs(&[]);
+    let deployment = default.iter().find(|d| kind(d) == "Deployment").unwrap();
+    assert_eq!(
+        deployment["spec"]["strategy"]["type"].as_str(),
+        Some("Recreate"),
+        "one replica without leader election: never two controllers during an upgrade"
+    );
+    for d in default.iter().filter(|d| kind(d) == "ClusterRole") {
+        let rules = serde_yaml::to_string(&d["rules"]).unwrap();
+        assert!(!rules.contains("secrets"), "cluster-wide Secret access: {rules}");
+    }
+    let elected = docs(&["--set", "leaderElection.enabled=true"]);
+    let deployment = elected.iter().find(|d| kind(d) == "Deployment").unwrap();
+    assert!(deployment["spec"]["strategy"]["type"].as_str() != Some("Recreate"));
+    let restricted = docs(&["--set", "allowedHosts={idp.example.com,*.corp.example}"]);
+    let deployment = serde_yaml::to_string(
+        restricted.iter().find(|d| kind(d) == "Deployment").unwrap(),
+    )
+    .unwrap();
+    assert!(
+        deployment.contains("--allowed-hosts=idp.example.com,*.corp.example"),
+        "{deployment}"
+    );
+}
+
 /// Installs the chart (rendered by helm, applied to the real API server) into
 /// a namespace enforcing Pod Security `restricted`, acting in `watched`.
 async fn install_chart(c: &Cluster, client: &kube::Client, watched: &str) -> String {

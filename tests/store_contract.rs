@@ -361,6 +361,8 @@ async fn kubernetes_secret_store_keeps_the_store_contract() {
             namespace: None,
             name: "app-creds".into(),
             key: "password".into(),
+            // The seeded Secret was not created by rekey.
+            adopt_existing: true,
         },
     };
     let store = backend.store();

@@ -10,6 +10,11 @@ pub const APPROVE_ANNOTATION: &str = "rekey.dev/approve";
 pub const CONFIRM_ANNOTATION: &str = "rekey.dev/confirm-invalidated";
 /// On a Secret rekey wrote (kubernetesSecret target): the rotation id of the write.
 pub const WRITTEN_BY_ANNOTATION: &str = "rekey.dev/written-by-rotation";
+/// On a Secret in another namespace: the namespaces whose SecretRotations may
+/// write it (comma-separated). The grant is made where the Secret lives.
+pub const ALLOW_ROTATION_FROM_ANNOTATION: &str = "rekey.dev/allow-rotation-from";
+/// Annotation ESO puts on every Secret it writes.
+pub const ESO_DATA_HASH_ANNOTATION: &str = "reconcile.external-secrets.io/data-hash";
 /// Label of the write-ahead record Secret.
 pub const WAL_LABEL: &str = "rekey.dev/write-ahead-record";
 /// Prefix of the pod-template annotation that restarts a workload; the rest
@@ -29,3 +34,8 @@ pub fn restart_annotation(rotation_name: &str) -> String {
         format!("{RESTART_ANNOTATION_PREFIX}{}-{hash}", &rotation_name[..46])
     }
 }
+
+/// Finalizer on every SecretRotation: a deletion mid-rotation lets the
+/// rotation reach its end (proof and invalidation, or a safe failure) before
+/// the object and its write-ahead record go.
+pub const FINALIZER: &str = "rekey.dev/finish-rotation";

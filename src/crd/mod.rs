@@ -355,9 +355,23 @@ pub struct LocalSecretRef {
 #[serde(rename_all = "camelCase")]
 pub struct KubernetesSecretTarget {
     /// Namespace of the Secret; defaults to the SecretRotation's namespace.
+    /// Another namespace only with a grant made there: the Secret must
+    /// already exist and carry the annotation
+    /// `rekey.dev/allow-rotation-from: <this SecretRotation's namespace>`
+    /// (comma-separated for several). Its previous value is then not kept in
+    /// the write-ahead record (no value crosses into this namespace), so
+    /// `onFailure: Rollback` is refused for such a target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub namespace: Option<String>,
+    /// Allow rekey to overwrite this Secret although rekey did not create it
+    /// (for example a Secret made by hand or by Helm that ESO's kubernetes
+    /// provider reads). Without it, Preflight refuses an existing Secret that
+    /// does not carry rekey's `rekey.dev/written-by-rotation` annotation. A
+    /// Secret with an owner reference or managed by ESO (an ExternalSecret's
+    /// output) is refused either way.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt_existing: bool,
     /// Name of the Secret.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,

@@ -164,6 +164,11 @@ pub struct RotationStatus {
     /// Workload generations seen before the refresh request (Await mode).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workload_baselines: Vec<WorkloadBaseline>,
+    /// Each ExternalSecret's `status.syncedResourceVersion` before rekey's
+    /// refresh request: the sync counts only once ESO itself synced after
+    /// the request (a value rekey wrote cannot prove itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sync_baselines: Vec<SyncBaseline>,
     /// When every ExternalSecret held the new value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced_at: Option<Time>,
@@ -183,6 +188,11 @@ pub struct RotationStatus {
     /// Whether a GraceWindowAtRisk warning was emitted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grace_warned: bool,
+    /// Set right before the old value is invalidated, after the final
+    /// re-check of the proof passed: a retry invalidates again (idempotent)
+    /// instead of re-checking a proof that was already acted on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invalidation_started: bool,
 }
 
 /// Time spent in one phase.
@@ -203,6 +213,15 @@ pub struct TargetStatus {
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_at: Option<Time>,
+}
+
+/// An ExternalSecret's sync marker before rekey's refresh request.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncBaseline {
+    pub name: String,
+    /// ESO's `status.syncedResourceVersion` (empty: never synced).
+    pub synced_resource_version: String,
 }
 
 /// A workload's pod template before the refresh request (Await mode): a

@@ -14,6 +14,7 @@
 //! Where each phase goes next is decided in `crate::decide::transition`.
 
 mod announce;
+mod finalizer;
 pub mod phases;
 pub mod providers;
 mod step;
@@ -60,6 +61,8 @@ pub struct Context {
     pub poll: Duration,
     pub clock: Clock,
     pub on_status_written: Option<StatusWritten>,
+    /// Hosts the spec's URLs may name (exact or `*.suffix`); None: any.
+    pub allowed_hosts: Option<Vec<String>>,
     /// resourceVersion of the last status rekey wrote per object, to skip
     /// reconciles on a cache that has not caught up with that write yet.
     written: Arc<Mutex<HashMap<(String, String), u64>>>,
@@ -101,6 +104,7 @@ impl Context {
             poll,
             clock,
             on_status_written: None,
+            allowed_hosts: None,
             written: Arc::default(),
             swept: Arc::default(),
         }

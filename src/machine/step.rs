@@ -5,7 +5,7 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 
 use super::view::View;
-use super::{announce, phases};
+use super::{announce, finalizer, phases};
 use crate::crd::Phase;
 use crate::crd::keys::CONFIRM_ANNOTATION;
 use crate::decide::{self, Next, OnTransient, Outcome, Route};
@@ -14,6 +14,12 @@ use crate::reason::Reason;
 
 pub(super) async fn reconcile(mut v: View) -> Result<Action> {
     if v.status.rotation.is_none() {
+        if finalizer::deleting(&v) {
+            // Nothing in progress: the deletion may proceed at once.
+            finalizer::release(&v).await?;
+            return Ok(Action::await_change());
+        }
+        finalizer::ensure(&v).await?;
         return phases::idle::run(&mut v).await;
     }
     phases::grace::watch(&mut v).await;

@@ -93,8 +93,34 @@ impl ExternalSecrets {
         proof: &ExternalSecretProof,
         token: &str,
         expected: &SecretValue,
+        synced_after: Option<&str>,
     ) -> Result<SyncState> {
         let es = self.request_refresh(&proof.name, token).await?;
+        if let Some(before) = synced_after
+            && synced_resource_version(&es) == before
+        {
+            return Ok(SyncState::Waiting(format!(
+                "ExternalSecret {} not synced by ESO since the refresh request",
+                proof.name
+            )));
+        }
+        self.state(&es, proof, expected).await
+    }
+
+    /// ESO's `status.syncedResourceVersion` (generation and a hash of labels
+    /// and annotations at its last sync; empty before the first).
+    pub async fn synced_version(&self, proof: &ExternalSecretProof) -> Result<String> {
+        Ok(synced_resource_version(&self.get(&proof.name).await?).to_string())
+    }
+
+    /// Whether the ExternalSecret is Ready and its Secret holds `expected`,
+    /// without requesting a refresh.
+    pub async fn check(
+        &self,
+        proof: &ExternalSecretProof,
+        expected: &SecretValue,
+    ) -> Result<SyncState> {
+        let es = self.get(&proof.name).await?;
         self.state(&es, proof, expected).await
     }
 
@@ -163,4 +189,8 @@ impl ExternalSecrets {
             )),
         })
     }
+}
+
+fn synced_resource_version(es: &DynamicObject) -> &str {
+    str_at(&es.data, &["status", "syncedResourceVersion"]).unwrap_or("")
 }

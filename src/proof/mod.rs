@@ -18,13 +18,22 @@ pub trait SyncProof: Send + Sync {
     /// Refuses an ExternalSecret that is missing or would ignore a refresh request.
     async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()>;
     /// Asks ESO to sync now (idempotent per token) and reports whether the
-    /// ExternalSecret is Ready with its target Secret holding `expected`.
+    /// ExternalSecret is Ready with its target Secret holding `expected` and,
+    /// given `synced_after` (a `synced_version` read before the request),
+    /// whether ESO itself synced since.
     async fn refresh_and_check(
         &self,
         proof: &ExternalSecretProof,
         token: &str,
         expected: &SecretValue,
+        synced_after: Option<&str>,
     ) -> Result<SyncState>;
+    /// A marker that changes with every sync ESO makes.
+    async fn synced_version(&self, proof: &ExternalSecretProof) -> Result<String>;
+    /// Reads again, without a refresh request: is the ExternalSecret Ready
+    /// with its target Secret holding `expected`?
+    async fn check(&self, proof: &ExternalSecretProof, expected: &SecretValue)
+    -> Result<SyncState>;
 }
 
 /// Reads and restarts the workloads of one namespace.
@@ -46,8 +55,19 @@ impl SyncProof for eso::ExternalSecrets {
         proof: &ExternalSecretProof,
         token: &str,
         expected: &SecretValue,
+        synced_after: Option<&str>,
     ) -> Result<SyncState> {
-        eso::ExternalSecrets::refresh_and_check(self, proof, token, expected).await
+        eso::ExternalSecrets::refresh_and_check(self, proof, token, expected, synced_after).await
+    }
+    async fn synced_version(&self, proof: &ExternalSecretProof) -> Result<String> {
+        eso::ExternalSecrets::synced_version(self, proof).await
+    }
+    async fn check(
+        &self,
+        proof: &ExternalSecretProof,
+        expected: &SecretValue,
+    ) -> Result<SyncState> {
+        eso::ExternalSecrets::check(self, proof, expected).await
     }
 }
 

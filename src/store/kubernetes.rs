@@ -11,11 +11,13 @@ use kube::api::{Api, Patch, PatchParams};
 
 use super::Store;
 use crate::crd::KubernetesSecretTarget;
+use crate::crd::keys::{
+    ALLOW_ROTATION_FROM_ANNOTATION, ESO_DATA_HASH_ANNOTATION, WRITTEN_BY_ANNOTATION,
+};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::reason::Reason;
 use crate::value::SecretValue;
-
-use crate::crd::keys::WRITTEN_BY_ANNOTATION;
 
 pub struct KubernetesSecretStore {
     api: Api<Secret>,
@@ -25,6 +27,10 @@ pub struct KubernetesSecretStore {
     manager: String,
     /// Counts writes in `rekey_provider_calls_total` (provider `kubernetes`).
     metrics: Option<Metrics>,
+    /// Where the Secret lives, and where the SecretRotation lives.
+    namespace: String,
+    home_namespace: String,
+    adopt_existing: bool,
 }
 
 impl KubernetesSecretStore {
@@ -41,7 +47,21 @@ impl KubernetesSecretStore {
             key: t.key.clone(),
             manager: manager.chars().take(128).collect(),
             metrics: None,
+            namespace: ns.to_string(),
+            home_namespace: default_namespace.to_string(),
+            adopt_existing: t.adopt_existing,
         }
+    }
+
+    /// Why rekey may not write this Secret, if it may not.
+    fn refusal(&self, existing: Option<&Secret>) -> Option<Error> {
+        takeover_refusal(
+            existing,
+            &self.namespace,
+            &self.name,
+            &self.home_namespace,
+            self.adopt_existing,
+        )
     }
 
     /// Counts this store's writes in the provider-call metrics.
@@ -84,11 +104,15 @@ impl Store for KubernetesSecretStore {
 
     async fn preflight(&self) -> Result<()> {
         // The Secret may not exist yet (rekey creates it); the namespace must.
-        self.api
+        let existing = self
+            .api
             .get_opt(&self.name)
             .await
             .map_err(|e| Error::kube("read target Secret", e))?;
-        Ok(())
+        match self.refusal(existing.as_ref()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
@@ -116,6 +140,13 @@ impl KubernetesSecretStore {
             {
                 return Ok(Self::version(&existing));
             }
+            // Checked again at the write: the Secret may have changed hands
+            // since Preflight.
+            if let Some(e) = self.refusal(Some(&existing)) {
+                return Err(e);
+            }
+        } else if let Some(e) = self.refusal(None) {
+            return Err(e);
         }
         let patch = Secret {
             metadata: kube::api::ObjectMeta {
@@ -143,5 +174,124 @@ impl KubernetesSecretStore {
             .await
             .map_err(|e| Error::kube("write target Secret", e))?;
         Ok(Self::version(&written))
+    }
+}
+
+/// The tenancy and ownership rules of a `kubernetesSecret` target (pure):
+/// - another namespace only with a grant on the Secret itself;
+/// - never a Secret another controller owns or ESO writes;
+/// - an existing Secret rekey did not create only with `adoptExisting`.
+pub fn takeover_refusal(
+    existing: Option<&Secret>,
+    namespace: &str,
+    name: &str,
+    home_namespace: &str,
+    adopt_existing: bool,
+) -> Option<Error> {
+    let annotations = existing.and_then(|s| s.metadata.annotations.as_ref());
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    if namespace != home_namespace {
+        let granted = annotation(ALLOW_ROTATION_FROM_ANNOTATION)
+            .is_some_and(|v| v.split(',').any(|n| n.trim() == home_namespace));
+        if !granted {
+            return Some(Error::permanent(
+                Reason::TargetNamespaceNotGranted,
+                format!(
+                    "Secret {namespace}/{name} is in another namespace and does not carry {ALLOW_ROTATION_FROM_ANNOTATION}: {home_namespace}"
+                ),
+            ));
+        }
+    }
+    let existing = existing?;
+    let owned = existing
+        .metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|o| !o.is_empty());
+    if owned || annotation(ESO_DATA_HASH_ANNOTATION).is_some() {
+        return Some(Error::permanent(
+            Reason::TargetSecretManaged,
+            format!(
+                "Secret {namespace}/{name} is managed by another controller (owner reference or ESO): rekey would fight it"
+            ),
+        ));
+    }
+    if annotation(WRITTEN_BY_ANNOTATION).is_none() && !adopt_existing {
+        return Some(Error::permanent(
+            Reason::TargetSecretNotAdopted,
+            format!(
+                "Secret {namespace}/{name} exists and was not created by rekey: set adoptExisting: true on the target to let rekey overwrite it"
+            ),
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(annotations: &[(&str, &str)], owned: bool) -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "s",
+                "annotations": annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                "ownerReferences": if owned {
+                    serde_json::json!([{"apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret", "name": "x", "uid": "u"}])
+                } else {
+                    serde_json::json!([])
+                },
+            }
+        }))
+        .unwrap()
+    }
+
+    fn reason(e: Option<Error>) -> Option<Reason> {
+        e.map(|e| e.reason)
+    }
+
+    #[test]
+    fn a_new_secret_in_the_own_namespace_is_fine() {
+        assert!(takeover_refusal(None, "a", "s", "a", false).is_none());
+    }
+
+    #[test]
+    fn existing_secrets_need_adoption_and_managed_ones_are_refused() {
+        let plain = secret(&[], false);
+        assert_eq!(
+            reason(takeover_refusal(Some(&plain), "a", "s", "a", false)),
+            Some(Reason::TargetSecretNotAdopted)
+        );
+        assert!(takeover_refusal(Some(&plain), "a", "s", "a", true).is_none());
+        let ours = secret(&[(WRITTEN_BY_ANNOTATION, "r1")], false);
+        assert!(takeover_refusal(Some(&ours), "a", "s", "a", false).is_none());
+        for managed in [
+            secret(&[], true),
+            secret(&[(ESO_DATA_HASH_ANNOTATION, "h")], false),
+        ] {
+            assert_eq!(
+                reason(takeover_refusal(Some(&managed), "a", "s", "a", true)),
+                Some(Reason::TargetSecretManaged)
+            );
+        }
+    }
+
+    #[test]
+    fn another_namespace_needs_a_grant_made_there() {
+        assert_eq!(
+            reason(takeover_refusal(None, "b", "s", "a", true)),
+            Some(Reason::TargetNamespaceNotGranted)
+        );
+        let other = secret(&[(ALLOW_ROTATION_FROM_ANNOTATION, "c, d")], false);
+        assert_eq!(
+            reason(takeover_refusal(Some(&other), "b", "s", "a", true)),
+            Some(Reason::TargetNamespaceNotGranted)
+        );
+        let granted = secret(&[(ALLOW_ROTATION_FROM_ANNOTATION, "c, a")], false);
+        assert!(takeover_refusal(Some(&granted), "b", "s", "a", true).is_none());
+        assert_eq!(
+            reason(takeover_refusal(Some(&granted), "b", "s", "a", false)),
+            Some(Reason::TargetSecretNotAdopted)
+        );
     }
 }

@@ -224,7 +224,7 @@ pub fn rotation_spec(credential: Value) -> Value {
     json!({
         "credential": credential,
         "oldValueValidFor": "30m",
-        "targets": [{"name": "main", "kubernetesSecret": {"name": "source", "key": "client_secret"}}],
+        "targets": [{"name": "main", "kubernetesSecret": {"name": "source", "key": "client_secret", "adoptExisting": true}}],
         "proof": {
             "externalSecrets": [{"name": "app-creds", "key": "client_secret"}],
             "workloads": [{"kind": "Deployment", "name": "app"}],

@@ -15,10 +15,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The rules rekey needs inside a namespace it acts in. Each is there for a
      named step; docs/rbac.md lists what fails without it. */}}
 {{- define "rekey.namespacedRules" -}}
-# SecretRotations: watched, and their status written (server-side apply).
+# SecretRotations: watched, their finalizer added and removed (patch), and
+# their status written (server-side apply).
 - apiGroups: [rekey.dev]
   resources: [secretrotations]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [rekey.dev]
   resources: [secretrotations/status]
   verbs: [patch]

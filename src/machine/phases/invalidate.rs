@@ -1,14 +1,38 @@
-//! Invalidating and AwaitingConfirmation: invalidates the old value at the
-//! source, or waits for a person to confirm they did (manual source).
+//! Invalidating and AwaitingConfirmation: re-checks the whole proof right
+//! before acting, then invalidates the old value at the source, or waits for
+//! a person to confirm they did (manual source).
 
 use super::super::view::View;
-use crate::decide::Outcome;
+use crate::crd::keys::restart_annotation;
+use crate::crd::{Phase, RestartMode};
+use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
+use crate::proof::eso::SyncState;
 use crate::reason::Reason;
 use crate::source::Invalidation;
 
 pub async fn step(v: &mut View) -> Result<Outcome> {
     let id = v.rotation().id.clone();
+    if v.phase() == Phase::Invalidating && !v.rotation().invalidation_started {
+        // Nothing was read again since the proof: read everything now. A
+        // difference never moves forward; it waits, then fails safe.
+        if let Some(lost) = proof_lost(v).await? {
+            if v.phase_timed_out() {
+                return Err(Error::permanent(
+                    Reason::ProofLost,
+                    format!(
+                        "the proof no longer held right before invalidation: {lost}; the old value was not invalidated"
+                    ),
+                ));
+            }
+            return Ok(Outcome::Waiting(format!(
+                "re-checking the proof before invalidating: {lost}"
+            )));
+        }
+        // Recorded before the side effect.
+        v.rotation_mut().invalidation_started = true;
+        v.write_status().await?;
+    }
     let outcome = v
         .source()?
         .invalidate(&id, v.annotations())
@@ -21,4 +45,51 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         Invalidation::Done => Outcome::Done,
         Invalidation::NeedsConfirmation => Outcome::NeedsConfirmation,
     })
+}
+
+/// The final re-check: every store still holds this rotation's value, every
+/// ExternalSecret still delivers it, every workload still runs the proven
+/// rollout. Returns what no longer holds.
+async fn proof_lost(v: &View) -> Result<Option<String>> {
+    let plan = v.plan()?.clone();
+    let new = v.new_value().await?;
+    let rot = v.rotation().clone();
+    let mut lost = vec![];
+    for target in &plan.targets {
+        let holds = v
+            .store(target)
+            .await?
+            .read_current()
+            .await?
+            .is_some_and(|c| c.same_as(&new));
+        if !holds {
+            lost.push(format!("target {} no longer holds the new value", target.name));
+        }
+    }
+    let eso = v.ctx.providers.sync(&v.namespace);
+    for es in &v.sr.spec.proof.external_secrets {
+        if let SyncState::Waiting(why) = eso.check(es, &new).await? {
+            lost.push(why);
+        }
+    }
+    let workloads = v.ctx.providers.rollouts(&v.namespace);
+    let annotation = restart_annotation(&v.name);
+    for w in &v.sr.spec.proof.workloads {
+        let o = workloads.observe(w, &annotation).await?;
+        let on_proven_template = match v.sr.spec.proof.restart {
+            RestartMode::Trigger => o.stamped.as_deref() == Some(rot.id.as_str()),
+            RestartMode::Await => rot
+                .workload_baselines
+                .iter()
+                .find(|b| b.kind == w.kind && b.name == w.name)
+                .is_some_and(|b| o.template != b.template),
+        };
+        if !on_proven_template || !decide::rollout_complete(&o.facts) {
+            lost.push(format!(
+                "{:?} {} is no longer rolled out on the new value",
+                w.kind, w.name
+            ));
+        }
+    }
+    Ok((!lost.is_empty()).then(|| lost.join("; ")))
 }

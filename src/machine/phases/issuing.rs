@@ -20,7 +20,10 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         // for onFailure: Rollback.
         let mut previous = BTreeMap::new();
         for target in &plan.targets {
-            if let Some(value) = v.store(target).await?.read_current().await? {
+            let current = v.store(target).await?.read_current().await?;
+            // A value from another namespace never lands in a Secret of
+            // this one (Preflight refuses Rollback for such a target).
+            if let Some(value) = current.filter(|_| !target.crosses_namespace(&v.namespace)) {
                 previous.insert(target.name.clone(), value);
             }
         }

@@ -2,7 +2,9 @@
 
 use super::super::view::View;
 use crate::crd::keys::restart_annotation;
+use crate::crd::FailurePolicy;
 use crate::decide::{self, Outcome};
+use crate::plan::host_allowed;
 use crate::error::{Error, Result};
 use crate::reason::Reason;
 
@@ -23,6 +25,27 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             format!(
                 "proof.timeout ({}) must be shorter than oldValueValidFor ({}): a slow proof would outlive the old value",
                 spec.proof.timeout, spec.old_value_valid_for
+            ),
+        ));
+    }
+    if let Some(allowed) = &v.ctx.allowed_hosts {
+        for (field, url) in plan.outbound_urls() {
+            if !host_allowed(url, allowed) {
+                return Err(Error::permanent(
+                    Reason::HostNotAllowed,
+                    format!("{field} names a host outside this operator's --allowed-hosts"),
+                ));
+            }
+        }
+    }
+    if plan.on_failure == FailurePolicy::Rollback
+        && let Some(t) = plan.targets.iter().find(|t| t.crosses_namespace(&v.namespace))
+    {
+        return Err(Error::permanent(
+            Reason::InvalidSpec,
+            format!(
+                "target {} is in another namespace: its previous value is not kept, so onFailure: Rollback cannot restore it",
+                t.name
             ),
         ));
     }

@@ -40,7 +40,7 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let eso = v.ctx.providers.sync(&v.namespace);
     let mut waiting = vec![];
     for es in &v.sr.spec.proof.external_secrets {
-        if eso.refresh_and_check(es, &token, &record.new).await? == SyncState::Synced {
+        if eso.refresh_and_check(es, &token, &record.new, None).await? == SyncState::Synced {
             waiting.push(format!(
                 "ExternalSecret {} still delivers the new value",
                 es.name

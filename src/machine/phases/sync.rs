@@ -1,9 +1,11 @@
-//! AwaitingSync: requests a refresh of every ExternalSecret (idempotent per
-//! rotation id) and waits until each one's Secret holds the new value.
+//! AwaitingSync: records each ExternalSecret's sync marker, requests a
+//! refresh (idempotent per rotation id) and waits until ESO itself synced
+//! since the request and the Secret holds the new value.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::super::view::View;
+use crate::crd::SyncBaseline;
 use crate::decide::Outcome;
 use crate::error::{Error, Result};
 use crate::proof::eso::SyncState;
@@ -13,9 +15,33 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let value = v.new_value().await?;
     let id = v.rotation().id.clone();
     let eso = v.ctx.providers.sync(&v.namespace);
+    // Recorded before the refresh request (a side effect).
+    let mut recorded = false;
+    for es in &v.sr.spec.proof.external_secrets {
+        if !v.rotation().sync_baselines.iter().any(|b| b.name == es.name) {
+            let synced_resource_version = eso.synced_version(es).await?;
+            v.rotation_mut().sync_baselines.push(SyncBaseline {
+                name: es.name.clone(),
+                synced_resource_version,
+            });
+            recorded = true;
+        }
+    }
+    if recorded {
+        v.write_status().await?;
+    }
     let mut waiting = vec![];
     for es in &v.sr.spec.proof.external_secrets {
-        if let SyncState::Waiting(why) = eso.refresh_and_check(es, &id, &value).await? {
+        let before = v
+            .rotation()
+            .sync_baselines
+            .iter()
+            .find(|b| b.name == es.name)
+            .map(|b| b.synced_resource_version.clone());
+        if let SyncState::Waiting(why) = eso
+            .refresh_and_check(es, &id, &value, before.as_deref())
+            .await?
+        {
             waiting.push(why);
         }
     }

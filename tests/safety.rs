@@ -1,0 +1,309 @@
+//! The paths to an early invalidation, a lost value or a cross-tenant read,
+//! each shown on the real environment (API server, ESO, kwok) with the
+//! operator binary: deletion mid-rotation, Secrets rekey does not own,
+//! Secrets in other namespaces.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fixtures::*;
+use common::operator::Operator;
+use k8s_openapi::api::core::v1::{ResourceQuota, Secret};
+use kube::Client;
+use kube::api::{Api, DeleteParams};
+use rekey::crd::{Phase, SecretRotation};
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(120);
+
+async fn exists<K>(client: &Client, ns: &str, name: &str) -> bool
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// A GitOps prune deletes the SecretRotation while its rotation waits for a
+/// rollout. The rotation must reach its end (here: the proof completes once
+/// pods can start) before the object and its write-ahead record go; the
+/// new value is never dropped.
+#[tokio::test]
+async fn deletion_mid_rotation_finishes_the_rotation_first() {
+    let (c, client, ns) = common::setup("finalizer").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    block_new_pods(&client, &ns, 2).await;
+    let op = Operator::start(c, &ns);
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(json!({"generated": {}})),
+    )
+    .await;
+    wait_phase(&client, &ns, "app-secret", Phase::AwaitingRollout, LONG).await;
+    let wal = rekey::wal::secret_name("app-secret");
+    assert!(exists::<Secret>(&client, &ns, &wal).await);
+
+    Api::<SecretRotation>::namespaced(client.clone(), &ns)
+        .delete("app-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sr = get_rotation(&client, &ns, "app-secret").await;
+    assert!(
+        sr.metadata.deletion_timestamp.is_some(),
+        "the deletion was accepted"
+    );
+    assert_eq!(
+        phase_of(&sr),
+        Some(Phase::AwaitingRollout),
+        "the rotation goes on"
+    );
+    assert!(
+        exists::<Secret>(&client, &ns, &wal).await,
+        "the write-ahead record (the only copy besides the stores) is kept"
+    );
+
+    // Pods can start again: the proof completes, then the object goes.
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .delete("pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    common::wait_for("the SecretRotation to go", LONG, || async {
+        !exists::<SecretRotation>(&client, &ns, "app-secret").await
+    })
+    .await;
+    let synced = read_key(&client, &ns, "app-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_ne!(synced, old, "the rotation finished on the new value");
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(synced.as_str())
+    );
+    assert!(deployment_available(&client, &ns, "app").await);
+    let notes = event_notes(&client, &ns, "app-secret").await;
+    assert!(
+        notes.iter().any(|(reason, _)| reason == "RotationSucceeded"),
+        "{notes:?}"
+    );
+    common::wait_for("the write-ahead record to go", LONG, || async {
+        !exists::<Secret>(&client, &ns, &wal).await
+    })
+    .await;
+    assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &synced]).await;
+}
+
+/// Deleting an idle SecretRotation is immediate.
+#[tokio::test]
+async fn deletion_when_idle_is_immediate() {
+    let (c, client, ns) = common::setup("finalizer-idle").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let _op = Operator::start(c, &ns);
+    generated_rotation_succeeds(&client, &ns, "app-secret").await;
+    let sr = get_rotation(&client, &ns, "app-secret").await;
+    assert!(
+        sr.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == rekey::crd::keys::FINALIZER),
+        "{:?}",
+        sr.metadata.finalizers
+    );
+    Api::<SecretRotation>::namespaced(client.clone(), &ns)
+        .delete("app-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    common::wait_for("the SecretRotation to go", Duration::from_secs(20), || async {
+        !exists::<SecretRotation>(&client, &ns, "app-secret").await
+    })
+    .await;
+}
+
+/// The failure reason of the last rotation, once it failed.
+async fn failed_with(client: &Client, ns: &str, name: &str) -> (String, Phase) {
+    let sr = wait_phase(client, ns, name, Phase::Failed, LONG).await;
+    let f = sr
+        .status
+        .and_then(|s| s.last_rotation)
+        .and_then(|l| l.failure)
+        .expect("a failure");
+    (f.reason, f.phase)
+}
+
+/// Tried as a new user would: a target naming an existing Secret (made by
+/// hand or by Helm) was overwritten and its previous value was gone. Now it
+/// is refused before anything is issued, unless the spec opts in.
+#[tokio::test]
+async fn an_existing_secret_rekey_did_not_create_is_not_overwritten() {
+    let (c, client, ns) = common::setup("not-adopted").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["targets"][0]["kubernetesSecret"]
+        .as_object_mut()
+        .unwrap()
+        .remove("adoptExisting");
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    assert_eq!(
+        failed_with(&client, &ns, "app-secret").await,
+        ("TargetSecretNotAdopted".into(), Phase::Preflight)
+    );
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str()),
+        "the Secret is untouched"
+    );
+}
+
+/// A target that is the ExternalSecret's own output Secret: rekey's write
+/// would satisfy the sync proof by itself, then ESO writes the old value
+/// back. Refused at Preflight, even with adoptExisting.
+#[tokio::test]
+async fn the_external_secrets_own_output_is_refused() {
+    let (c, client, ns) = common::setup("eso-output").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["targets"][0]["kubernetesSecret"] =
+        json!({"name": "app-creds", "key": "client_secret", "adoptExisting": true});
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    assert_eq!(
+        failed_with(&client, &ns, "app-secret").await,
+        ("TargetSecretManaged".into(), Phase::Preflight)
+    );
+    assert_eq!(
+        read_key(&client, &ns, "app-creds", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str())
+    );
+}
+
+/// A SecretRotation in namespace A may write a Secret in namespace B only
+/// with a grant made in B, and B's values never land in A's write-ahead
+/// record (whoever reads Secrets in A must not read B's through rekey).
+#[tokio::test]
+async fn a_secret_in_another_namespace_needs_a_grant_made_there() {
+    let (c, client, ns) = common::setup("tenant-a").await;
+    let other = common::namespace(&client, "tenant-b").await;
+    let old = common::canary("old");
+    let theirs = common::canary("theirs");
+    scene(c, &client, &ns, &old).await;
+    put_secret(&client, &other, "shared", json!({"client_secret": theirs})).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["targets"].as_array_mut().unwrap().push(json!({
+        "name": "other", "kubernetesSecret": {"namespace": other, "name": "shared", "key": "client_secret", "adoptExisting": true}
+    }));
+    create_rotation(&client, &ns, "no-grant", spec.clone()).await;
+    assert_eq!(
+        failed_with(&client, &ns, "no-grant").await,
+        ("TargetNamespaceNotGranted".into(), Phase::Preflight)
+    );
+    assert_eq!(
+        read_key(&client, &other, "shared", "client_secret")
+            .await
+            .as_deref(),
+        Some(theirs.as_str())
+    );
+
+    // The grant, made in B. The rotation waits in AwaitingRollout (no new
+    // pods) so the write-ahead record can be read while it exists.
+    let patch = json!({"metadata": {"annotations": {"rekey.dev/allow-rotation-from": format!("elsewhere,{ns}")}}});
+    Api::<Secret>::namespaced(client.clone(), &other)
+        .patch(
+            "shared",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    block_new_pods(&client, &ns, 2).await;
+    create_rotation(&client, &ns, "granted", spec).await;
+    wait_phase(&client, &ns, "granted", Phase::AwaitingRollout, LONG).await;
+    let wal = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get(&rekey::wal::secret_name("granted"))
+        .await
+        .unwrap();
+    let record = serde_json::to_string(&wal.data).unwrap();
+    let b64 = |v: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(v)
+    };
+    assert!(
+        !record.contains(&b64(&theirs)),
+        "B's value must not be copied into A"
+    );
+    assert!(
+        record.contains(&b64(&old)),
+        "A's own previous value is kept for rollback"
+    );
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .delete("pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_phase(&client, &ns, "granted", Phase::Succeeded, LONG).await;
+    let new = read_key(&client, &ns, "app-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_key(&client, &other, "shared", "client_secret")
+            .await
+            .as_deref(),
+        Some(new.as_str())
+    );
+}
+
+/// An operator started with --allowed-hosts never sends a credential to
+/// another host: the webhook is refused at Preflight and never called.
+#[tokio::test]
+async fn outbound_hosts_can_be_restricted() {
+    let (c, client, ns) = common::setup("allowed-hosts").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { axum::Json(json!({"value": "never-used-value-0123456789"})) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let _op = Operator::start_with_args(
+        c,
+        &ns,
+        c.kubeconfig.clone(),
+        &["--allowed-hosts=idp.example.com,*.corp.example"],
+    );
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(webhook_credential(&url)),
+    )
+    .await;
+    assert_eq!(
+        failed_with(&client, &ns, "app-secret").await,
+        ("HostNotAllowed".into(), Phase::Preflight)
+    );
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
