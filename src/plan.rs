@@ -96,7 +96,10 @@ impl Plan {
         let mut urls = match &self.source {
             SourcePlan::Webhook(w) => vec![
                 ("credential.webhook.issueUrl", w.issue_url.as_str()),
-                ("credential.webhook.invalidateUrl", w.invalidate_url.as_str()),
+                (
+                    "credential.webhook.invalidateUrl",
+                    w.invalidate_url.as_str(),
+                ),
             ],
             SourcePlan::Keycloak(k) => vec![("credential.keycloak.url", k.url.as_str())],
             SourcePlan::Generated(_) | SourcePlan::Manual(_) => vec![],
@@ -213,7 +216,10 @@ mod tests {
 
     #[test]
     fn hosts_match_exactly_or_by_suffix() {
-        let allowed = vec!["kc.example.com".to_string(), "*.appdomain.cloud".to_string()];
+        let allowed = vec![
+            "kc.example.com".to_string(),
+            "*.appdomain.cloud".to_string(),
+        ];
         assert!(host_allowed("https://kc.example.com/realms", &allowed));
         assert!(host_allowed("https://x.eu-de.appdomain.cloud", &allowed));
         assert!(!host_allowed("https://appdomain.cloud", &allowed));

@@ -239,7 +239,11 @@ impl SyncProof for FakeSync {
     async fn synced_version(&self, _proof: &ExternalSecretProof) -> Result<String> {
         Ok(format!("synced-{}", self.0.lock().unwrap().refreshes.len()))
     }
-    async fn check(&self, _proof: &ExternalSecretProof, expected: &SecretValue) -> Result<SyncState> {
+    async fn check(
+        &self,
+        _proof: &ExternalSecretProof,
+        expected: &SecretValue,
+    ) -> Result<SyncState> {
         Ok(self.state(expected))
     }
 }
@@ -342,7 +346,13 @@ struct Run {
 
 /// Drives one SecretRotation to its end, crashing once after `stop_after`
 /// effects (None: a clean run).
-async fn run(client: &Client, ns: &str, name: &str, world: &Shared, stop_after: Option<usize>) -> Run {
+async fn run(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    world: &Shared,
+    stop_after: Option<usize>,
+) -> Run {
     run_with_timeout(client, ns, name, world, stop_after, "10m").await
 }
 
@@ -387,7 +397,10 @@ async fn run_with_timeout(
                     .unwrap()
                     .is_some();
             return Run {
-                failure: status.last_rotation.as_ref().and_then(|l| l.failure.clone()),
+                failure: status
+                    .last_rotation
+                    .as_ref()
+                    .and_then(|l| l.failure.clone()),
                 result: status.last_rotation.map(|l| l.result),
                 crashed_after,
                 wal_left,
@@ -537,5 +550,9 @@ async fn a_store_changed_after_the_proof_is_never_invalidated() {
     let failure = r.failure.unwrap();
     assert_eq!(failure.reason, "ProofLost");
     assert_eq!(failure.phase, Phase::Invalidating);
-    assert!(failure.message.contains("target prod"), "{}", failure.message);
+    assert!(
+        failure.message.contains("target prod"),
+        "{}",
+        failure.message
+    );
 }

@@ -87,16 +87,18 @@ fn chart_defaults_are_safe() {
     );
     for d in default.iter().filter(|d| kind(d) == "ClusterRole") {
         let rules = serde_yaml::to_string(&d["rules"]).unwrap();
-        assert!(!rules.contains("secrets"), "cluster-wide Secret access: {rules}");
+        assert!(
+            !rules.contains("secrets"),
+            "cluster-wide Secret access: {rules}"
+        );
     }
     let elected = docs(&["--set", "leaderElection.enabled=true"]);
     let deployment = elected.iter().find(|d| kind(d) == "Deployment").unwrap();
     assert!(deployment["spec"]["strategy"]["type"].as_str() != Some("Recreate"));
     let restricted = docs(&["--set", "allowedHosts={idp.example.com,*.corp.example}"]);
-    let deployment = serde_yaml::to_string(
-        restricted.iter().find(|d| kind(d) == "Deployment").unwrap(),
-    )
-    .unwrap();
+    let deployment =
+        serde_yaml::to_string(restricted.iter().find(|d| kind(d) == "Deployment").unwrap())
+            .unwrap();
     assert!(
         deployment.contains("--allowed-hosts=idp.example.com,*.corp.example"),
         "{deployment}"

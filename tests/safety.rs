@@ -96,14 +96,23 @@ async fn deletion_mid_rotation_finishes_the_rotation_first() {
     assert!(deployment_available(&client, &ns, "app").await);
     let notes = event_notes(&client, &ns, "app-secret").await;
     assert!(
-        notes.iter().any(|(reason, _)| reason == "RotationSucceeded"),
+        notes
+            .iter()
+            .any(|(reason, _)| reason == "RotationSucceeded"),
         "{notes:?}"
     );
     common::wait_for("the write-ahead record to go", LONG, || async {
         !exists::<Secret>(&client, &ns, &wal).await
     })
     .await;
-    assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &synced]).await;
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&old, &synced],
+    )
+    .await;
 }
 
 /// Deleting an idle SecretRotation is immediate.
@@ -127,9 +136,11 @@ async fn deletion_when_idle_is_immediate() {
         .delete("app-secret", &DeleteParams::default())
         .await
         .unwrap();
-    common::wait_for("the SecretRotation to go", Duration::from_secs(20), || async {
-        !exists::<SecretRotation>(&client, &ns, "app-secret").await
-    })
+    common::wait_for(
+        "the SecretRotation to go",
+        Duration::from_secs(20),
+        || async { !exists::<SecretRotation>(&client, &ns, "app-secret").await },
+    )
     .await;
 }
 

@@ -38,15 +38,14 @@ pub async fn release(v: &View) -> Result<()> {
     if !has_finalizer(v) {
         return Ok(());
     }
-    let finalizers: Vec<String> = v
-        .sr
-        .metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
+    let finalizers: Vec<String> =
+        v.sr.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
     patch(v, finalizers).await
 }
 

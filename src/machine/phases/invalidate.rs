@@ -63,7 +63,10 @@ async fn proof_lost(v: &View) -> Result<Option<String>> {
             .await?
             .is_some_and(|c| c.same_as(&new));
         if !holds {
-            lost.push(format!("target {} no longer holds the new value", target.name));
+            lost.push(format!(
+                "target {} no longer holds the new value",
+                target.name
+            ));
         }
     }
     let eso = v.ctx.providers.sync(&v.namespace);

@@ -1,11 +1,11 @@
 //! Preflight: checks everything that can be checked without changing anything.
 
 use super::super::view::View;
-use crate::crd::keys::restart_annotation;
 use crate::crd::FailurePolicy;
+use crate::crd::keys::restart_annotation;
 use crate::decide::{self, Outcome};
-use crate::plan::host_allowed;
 use crate::error::{Error, Result};
+use crate::plan::host_allowed;
 use crate::reason::Reason;
 
 pub async fn step(v: &mut View) -> Result<Outcome> {
@@ -39,7 +39,10 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         }
     }
     if plan.on_failure == FailurePolicy::Rollback
-        && let Some(t) = plan.targets.iter().find(|t| t.crosses_namespace(&v.namespace))
+        && let Some(t) = plan
+            .targets
+            .iter()
+            .find(|t| t.crosses_namespace(&v.namespace))
     {
         return Err(Error::permanent(
             Reason::InvalidSpec,

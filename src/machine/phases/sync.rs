@@ -16,9 +16,15 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let id = v.rotation().id.clone();
     let eso = v.ctx.providers.sync(&v.namespace);
     // Recorded before the refresh request (a side effect).
+    let sr = v.sr.clone();
     let mut recorded = false;
-    for es in &v.sr.spec.proof.external_secrets {
-        if !v.rotation().sync_baselines.iter().any(|b| b.name == es.name) {
+    for es in &sr.spec.proof.external_secrets {
+        if !v
+            .rotation()
+            .sync_baselines
+            .iter()
+            .any(|b| b.name == es.name)
+        {
             let synced_resource_version = eso.synced_version(es).await?;
             v.rotation_mut().sync_baselines.push(SyncBaseline {
                 name: es.name.clone(),
