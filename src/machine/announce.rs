@@ -80,6 +80,12 @@ pub(super) async fn advance(v: &mut View, next: Phase) -> Result<Action> {
     Ok(Action::requeue(v.ctx.poll))
 }
 
+/// The rotation is ending: logged right before its final status write, so
+/// that whoever sees the result in status finds the line in the log.
+pub(super) fn finishing(summary: &RotationSummary) {
+    info!(rotation = %summary.id, result = summary.result.as_str(), "rotation finished");
+}
+
 /// The rotation ended (its status is written).
 pub(super) async fn finished(
     v: &View,
@@ -107,7 +113,6 @@ pub(super) async fn finished(
         .observe(summary.duration_seconds);
     m.set_phase(&v.namespace, &v.name, result);
     m.grace_seconds_left.remove(&v.labels());
-    info!(rotation = %summary.id, result = result.as_str(), "rotation finished");
     let (type_, reason, note) = event;
     v.event(type_, reason, note).await;
 }

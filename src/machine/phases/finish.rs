@@ -109,6 +109,7 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
             "The last rotation ended within the grace window",
         );
     }
+    announce::finishing(&summary);
     v.write_status().await?;
     announce::finished(v, &summary, event).await;
     // No copy of the value lingers. A failed delete is retried by the
