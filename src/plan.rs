@@ -122,6 +122,49 @@ impl Plan {
     }
 }
 
+/// What a rotation acts on that no other rotation may act on at the same
+/// time: each store entry, ExternalSecret and workload, as readable text.
+/// IBM and AWS secrets are claimed whole (their writes have no
+/// compare-and-swap, so two rotations of different keys would lose one).
+pub fn claims(spec: &crate::crd::SecretRotationSpec, home: &str) -> Vec<String> {
+    let mut claims = vec![];
+    for t in &spec.targets {
+        if let Some(k) = &t.kubernetes_secret {
+            let ns = k.namespace.as_deref().unwrap_or(home);
+            claims.push(format!("Secret {ns}/{} key {}", k.name, k.key));
+        }
+        if let Some(i) = &t.ibm_secrets_manager {
+            let id = i
+                .secret_id
+                .clone()
+                .or_else(|| i.secret_name.clone())
+                .unwrap_or_default();
+            claims.push(format!(
+                "IBM secret {id} at {}",
+                i.service_url.trim_end_matches('/')
+            ));
+        }
+        if let Some(a) = &t.aws_secrets_manager {
+            claims.push(format!(
+                "AWS secret {} in {}{}",
+                a.secret_id,
+                a.region,
+                a.endpoint
+                    .as_deref()
+                    .map(|e| format!(" at {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    for es in &spec.proof.external_secrets {
+        claims.push(format!("ExternalSecret {home}/{}", es.name));
+    }
+    for w in &spec.proof.workloads {
+        claims.push(format!("{:?} {home}/{}", w.kind, w.name));
+    }
+    claims
+}
+
 /// Whether `url`'s host matches one of `allowed` (exact, or `*.suffix`).
 pub fn host_allowed(url: &str, allowed: &[String]) -> bool {
     let Ok(parsed) = reqwest::Url::parse(url) else {

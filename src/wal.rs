@@ -90,6 +90,27 @@ impl Wal {
 
     /// Writes (replaces) the record, owned by the SecretRotation.
     pub async fn write(&self, sr: &SecretRotation, record: &Record) -> Result<()> {
+        self.apply(sr, record, false).await
+    }
+
+    /// A server-side dry run of a record of the usual shape: RBAC, quota and
+    /// admission policies are checked before a value is issued, so a value
+    /// the identity provider already made is never stranded by a refused
+    /// record.
+    pub async fn check_writable(&self, sr: &SecretRotation, targets: &[String]) -> Result<()> {
+        let placeholder = SecretValue::new("x".repeat(64));
+        let record = Record {
+            rotation_id: "dry-run".into(),
+            new: placeholder.clone(),
+            previous: targets
+                .iter()
+                .map(|t| (t.clone(), placeholder.clone()))
+                .collect(),
+        };
+        self.apply(sr, &record, true).await
+    }
+
+    async fn apply(&self, sr: &SecretRotation, record: &Record, dry_run: bool) -> Result<()> {
         let mut data = BTreeMap::from([
             (
                 ROTATION_KEY.to_string(),
@@ -126,12 +147,10 @@ impl Wal {
             type_: Some("Opaque".into()),
             ..Default::default()
         };
+        let mut params = PatchParams::apply("rekey").force();
+        params.dry_run = dry_run;
         self.api
-            .patch(
-                &self.name,
-                &PatchParams::apply("rekey").force(),
-                &Patch::Apply(&secret),
-            )
+            .patch(&self.name, &params, &Patch::Apply(&secret))
             .await
             .map_err(|e| Error::kube("write write-ahead record", e))?;
         Ok(())

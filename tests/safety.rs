@@ -318,3 +318,143 @@ async fn outbound_hosts_can_be_restricted() {
     );
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// Two SecretRotations of one Secret key, requested at once (tried as a new
+/// user would: both acted, and one reported success with a version the
+/// other had already replaced). They must take turns: the second waits in
+/// Preflight, naming the first, and starts issuing only after the first
+/// ended; each one's value was the current one when it finished.
+#[tokio::test]
+async fn two_rotations_of_one_secret_take_turns() {
+    let (c, client, ns) = common::setup("overlap").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let _op = Operator::start(c, &ns);
+    let spec = rotation_spec(json!({"generated": {}}));
+    let (a, b) = tokio::join!(
+        create_rotation(&client, &ns, "first", spec.clone()),
+        create_rotation(&client, &ns, "second", spec.clone()),
+    );
+    drop((a, b));
+    let saw = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    common::wait_for("both rotations to end", LONG, || async {
+        for name in ["first", "second"] {
+            let sr = get_rotation(&client, &ns, name).await;
+            let waiting = sr.status.iter().flat_map(|s| s.conditions.iter()).any(|c| {
+                c.type_ == "Rotating" && c.message.starts_with("waiting for SecretRotation")
+            });
+            if waiting {
+                saw.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let done = |sr: &SecretRotation| {
+            sr.status
+                .as_ref()
+                .is_some_and(|s| s.rotation.is_none() && s.last_rotation.is_some())
+        };
+        done(&get_rotation(&client, &ns, "first").await)
+            && done(&get_rotation(&client, &ns, "second").await)
+    })
+    .await;
+    assert!(
+        saw.load(std::sync::atomic::Ordering::SeqCst),
+        "one of them waited, naming the other"
+    );
+    let summary = |sr: SecretRotation| sr.status.unwrap().last_rotation.unwrap();
+    let first = summary(get_rotation(&client, &ns, "first").await);
+    let second = summary(get_rotation(&client, &ns, "second").await);
+    assert_eq!(first.result, Phase::Succeeded);
+    assert_eq!(second.result, Phase::Succeeded);
+    // The later one started issuing only after the earlier one had ended.
+    let (early, late) = if first.finished_at < second.finished_at {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let issuing_started = {
+        let before: f64 = late
+            .phases
+            .iter()
+            .take_while(|p| p.phase != Phase::Issuing)
+            .map(|p| p.seconds)
+            .sum();
+        late.started_at.as_ref().unwrap().0 + jiff::SignedDuration::from_secs_f64(before)
+    };
+    assert!(
+        issuing_started >= early.finished_at.as_ref().unwrap().0,
+        "interleaved: {} issued at {issuing_started} before {} finished at {:?}",
+        late.id,
+        early.id,
+        early.finished_at
+    );
+    // What ESO delivers and the store holds is one value, the last one's.
+    let synced = read_key(&client, &ns, "app-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_ne!(synced, old);
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(synced.as_str())
+    );
+}
+
+/// A write-ahead record the API server would refuse (here: a quota of one
+/// Secret in the namespace, already used) is found at Preflight, before
+/// the source issues a value that would then be stranded.
+#[tokio::test]
+async fn a_refused_write_ahead_record_is_found_before_issuing() {
+    let (c, client, ns) = common::setup("wal-refused").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "secrets"},
+        "spec": {"hard": {"secrets": secrets.to_string()}}
+    }))
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &quota)
+        .await
+        .unwrap();
+    let (url, issued) = counting_webhook().await;
+    let _op = Operator::start(c, &ns);
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(webhook_credential(&url)),
+    )
+    .await;
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
+    let f = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(f.phase, Phase::Preflight, "{f:?}");
+    assert!(f.message.contains("write-ahead record"), "{f:?}");
+    assert_eq!(
+        issued.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was issued"
+    );
+}
+
+/// A webhook that answers every call with a fixed value and counts calls.
+async fn counting_webhook() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let value = common::canary("webhook");
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let value = value.clone();
+        async move { axum::Json(json!({ "value": value })) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}

@@ -15,6 +15,9 @@ pub const WRITTEN_BY_ANNOTATION: &str = "rekey.dev/written-by-rotation";
 pub const ALLOW_ROTATION_FROM_ANNOTATION: &str = "rekey.dev/allow-rotation-from";
 /// Annotation ESO puts on every Secret it writes.
 pub const ESO_DATA_HASH_ANNOTATION: &str = "reconcile.external-secrets.io/data-hash";
+/// On the Leases that serialize rotations of one thing: the SecretRotation
+/// holding the claim.
+pub const CLAIM_LABEL: &str = "rekey.dev/claimed-by";
 /// Label of the write-ahead record Secret.
 pub const WAL_LABEL: &str = "rekey.dev/write-ahead-record";
 /// Prefix of the pod-template annotation that restarts a workload; the rest

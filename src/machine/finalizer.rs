@@ -24,7 +24,7 @@ pub fn deleting(v: &View) -> bool {
 }
 
 /// Adds the finalizer (once; a no-op when present).
-pub async fn ensure(v: &View) -> Result<()> {
+pub async fn ensure(v: &mut View) -> Result<()> {
     if has_finalizer(v) || deleting(v) {
         return Ok(());
     }
@@ -34,7 +34,7 @@ pub async fn ensure(v: &View) -> Result<()> {
 }
 
 /// Removes the finalizer, letting a deletion proceed.
-pub async fn release(v: &View) -> Result<()> {
+pub async fn release(v: &mut View) -> Result<()> {
     if !has_finalizer(v) {
         return Ok(());
     }
@@ -51,14 +51,16 @@ pub async fn release(v: &View) -> Result<()> {
 
 /// A merge patch of the finalizer list, conditional on the resourceVersion
 /// read, so another writer's finalizer is never lost (a conflict retries).
-async fn patch(v: &View, finalizers: Vec<String>) -> Result<()> {
+async fn patch(v: &mut View, finalizers: Vec<String>) -> Result<()> {
     let api: Api<SecretRotation> = Api::namespaced(v.ctx.client.clone(), &v.namespace);
     let body = json!({"metadata": {
         "finalizers": finalizers,
         "resourceVersion": v.sr.metadata.resource_version,
     }});
-    api.patch(&v.name, &PatchParams::default(), &Patch::Merge(&body))
+    let updated = api
+        .patch(&v.name, &PatchParams::default(), &Patch::Merge(&body))
         .await
         .map_err(|e| Error::kube("update finalizers", e))?;
+    v.resource_version = updated.metadata.resource_version;
     Ok(())
 }

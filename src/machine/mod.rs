@@ -14,6 +14,7 @@
 //! Where each phase goes next is decided in `crate::decide::transition`.
 
 mod announce;
+mod claims;
 mod finalizer;
 pub mod phases;
 pub mod providers;

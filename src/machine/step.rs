@@ -16,10 +16,10 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
     if v.status.rotation.is_none() {
         if finalizer::deleting(&v) {
             // Nothing in progress: the deletion may proceed at once.
-            finalizer::release(&v).await?;
+            finalizer::release(&mut v).await?;
             return Ok(Action::await_change());
         }
-        finalizer::ensure(&v).await?;
+        finalizer::ensure(&mut v).await?;
         return phases::idle::run(&mut v).await;
     }
     phases::grace::watch(&mut v).await;

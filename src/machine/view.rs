@@ -43,6 +43,10 @@ pub struct View {
     plan: Result<Plan>,
     /// The status as last written.
     pub written: SecretRotationStatus,
+    /// The object's resourceVersion as last seen: every write is
+    /// conditional on it, so a second controller (an upgrade, a lost lease)
+    /// cannot overwrite a newer status.
+    pub resource_version: Option<String>,
     /// The status being computed.
     pub status: SecretRotationStatus,
     pub now: Timestamp,
@@ -55,6 +59,7 @@ impl View {
             namespace: sr.namespace().unwrap_or_default(),
             name: sr.name_any(),
             plan: Plan::from_spec(&sr.spec),
+            resource_version: sr.metadata.resource_version.clone(),
             written: status.clone(),
             status,
             now: (ctx.clock)(),
@@ -189,7 +194,8 @@ impl View {
         }
     }
 
-    /// Server-side applies the whole status, and only when it changed.
+    /// Server-side applies the whole status, only when it changed, and only
+    /// onto the object version this reconcile is based on.
     pub async fn write_status(&mut self) -> Result<()> {
         if self.status == self.written {
             return Ok(());
@@ -198,6 +204,7 @@ impl View {
         let patch = serde_json::json!({
             "apiVersion": "rekey.dev/v1alpha1",
             "kind": "SecretRotation",
+            "metadata": {"resourceVersion": self.resource_version},
             "status": self.status,
         });
         let updated = api
@@ -208,6 +215,7 @@ impl View {
             )
             .await
             .map_err(|e| Error::kube("write status", e))?;
+        self.resource_version = updated.resource_version();
         if let Some(rv) = updated.resource_version().and_then(|v| v.parse().ok()) {
             self.ctx
                 .written

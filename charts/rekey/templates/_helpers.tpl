@@ -36,6 +36,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
   verbs: [get, patch]
+# Leases: one claim per store entry, ExternalSecret and workload, so two
+# rotations of one thing take turns.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, list, create, update, delete]
 # Events on SecretRotations.
 - apiGroups: [events.k8s.io]
   resources: [events]

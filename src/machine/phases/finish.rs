@@ -6,8 +6,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use tracing::warn;
 
-use super::super::announce;
 use super::super::view::{View, condition};
+use super::super::{announce, claims};
 use crate::crd::Phase;
 use crate::decide::{self, summary};
 use crate::error::Result;
@@ -116,6 +116,10 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
     // next rotation, which replaces the record.
     if let Err(e) = v.wal().delete().await {
         warn!(error = %e, "could not delete the write-ahead record");
+    }
+    // A claim left by a failed release is taken over by the next rotation.
+    if let Err(e) = claims::release(v).await {
+        warn!(error = %e, "could not release the rotation's claims");
     }
     Ok(Action::requeue(v.ctx.poll))
 }

@@ -1,15 +1,24 @@
 //! Preflight: checks everything that can be checked without changing anything.
 
+use super::super::claims as claim;
 use super::super::view::View;
 use crate::crd::FailurePolicy;
 use crate::crd::keys::restart_annotation;
 use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
-use crate::plan::host_allowed;
+use crate::plan::{claims, host_allowed};
 use crate::reason::Reason;
 
 pub async fn step(v: &mut View) -> Result<Outcome> {
     let plan = v.plan()?.clone();
+    // One rotation per thing: taken in a fixed order, so two rotations
+    // never hold one claim each while waiting for the other's.
+    let mut things = claims(&v.sr.spec, &v.namespace);
+    things.sort();
+    things.dedup();
+    if let Some(waiting) = claim::acquire(v, &things).await? {
+        return Ok(Outcome::Waiting(waiting));
+    }
     let spec = &v.sr.spec;
     if let Some(cron) = spec.schedule.as_ref().and_then(|s| s.cron.as_deref())
         && !decide::cron_is_valid(cron)
@@ -52,6 +61,8 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             ),
         ));
     }
+    let names: Vec<String> = plan.targets.iter().map(|t| t.name.clone()).collect();
+    v.wal().check_writable(&v.sr, &names).await?;
     let mut current = None;
     for target in &plan.targets {
         let store = v.store(target).await?;
