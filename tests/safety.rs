@@ -458,3 +458,62 @@ async fn counting_webhook() -> (String, std::sync::Arc<std::sync::atomic::Atomic
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, calls)
 }
+
+/// Tried as a new user would: a cron like `a b c d e` passed admission, and
+/// on an existing SecretRotation an unservable schedule silently removed
+/// `nextRotationAt` while Ready stayed True. Now admission refuses what it
+/// can see, and what it cannot see (minute 61) is said in a condition and
+/// a Warning Event.
+#[tokio::test]
+async fn a_schedule_that_cannot_be_served_says_so() {
+    let (c, client, ns) = common::setup("schedule").await;
+    scene(c, &client, &ns, &common::canary("old")).await;
+    let _op = Operator::start(c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["schedule"] = json!({"cron": "a b c d e"});
+    let api = Api::<SecretRotation>::namespaced(client.clone(), &ns);
+    let refused: SecretRotation = serde_json::from_value(json!({
+        "apiVersion": "rekey.dev/v1alpha1", "kind": "SecretRotation",
+        "metadata": {"name": "bad-cron"}, "spec": spec
+    }))
+    .unwrap();
+    let err = api
+        .create(&Default::default(), &refused)
+        .await
+        .expect_err("admission refuses a cron of letters");
+    assert!(err.to_string().contains("schedule.cron"), "{err}");
+
+    spec["schedule"] = json!({"cron": "0 3 1 * *"});
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    let scheduled = |sr: &SecretRotation| {
+        sr.status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == "Scheduled")
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    common::wait_for("Scheduled=True", LONG, || async {
+        scheduled(&get_rotation(&client, &ns, "app-secret").await)
+            == Some(("True".into(), "Scheduled".into()))
+    })
+    .await;
+    api.patch(
+        "app-secret",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"schedule": {"cron": "61 3 1 * *"}}})),
+    )
+    .await
+    .unwrap();
+    common::wait_for("Scheduled=False", LONG, || async {
+        scheduled(&get_rotation(&client, &ns, "app-secret").await)
+            == Some(("False".into(), "InvalidSpec".into()))
+    })
+    .await;
+    common::wait_for("a ScheduleInvalid Warning", LONG, || async {
+        events(&client, &ns).await.iter().any(|e| {
+            e.reason.as_deref() == Some("ScheduleInvalid") && e.type_.as_deref() == Some("Warning")
+        })
+    })
+    .await;
+}

@@ -476,6 +476,8 @@ pub struct Schedule {
     #[schemars(length(min = 9, max = 128))]
     #[x_kube(validation = Rule::new("self.split(' ').filter(f, f != '').size() == 5")
         .message("schedule.cron must have five fields: minute hour day-of-month month day-of-week"))]
+    #[x_kube(validation = Rule::new("self.split(' ').filter(f, f != '').all(f, f.matches('^([*]|[?]|[0-9]+|[A-Za-z]{3})([-/,#]([*]|[0-9]+|[A-Za-z]{3}))*[LW]?$'))")
+        .message("schedule.cron fields may hold only numbers, *, ?, ranges (-), steps (/), lists (,) and three-letter month or day names"))]
     pub cron: Option<String>,
 }
 

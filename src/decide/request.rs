@@ -101,6 +101,21 @@ pub fn next_cron(expr: &str, after: Timestamp) -> Option<Timestamp> {
     Some(next.timestamp())
 }
 
+/// What makes a schedule impossible to serve, if anything.
+pub fn schedule_problem(schedule: &Schedule) -> Option<&'static str> {
+    if let Some(every) = schedule.every.as_deref()
+        && duration::parse(every).is_none()
+    {
+        return Some("schedule.every is not a duration");
+    }
+    if let Some(cron) = schedule.cron.as_deref()
+        && !cron_is_valid(cron)
+    {
+        return Some("schedule.cron is not a valid cron expression");
+    }
+    None
+}
+
 /// Whether a cron expression parses.
 pub fn cron_is_valid(expr: &str) -> bool {
     expr.parse::<croner::Cron>().is_ok()

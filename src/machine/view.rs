@@ -32,6 +32,9 @@ pub mod condition {
     pub const ROTATING: &str = "Rotating";
     /// Proof is late relative to `oldValueValidFor`.
     pub const GRACE_WINDOW_AT_RISK: &str = "GraceWindowAtRisk";
+    /// With `spec.schedule`: the next rotation is scheduled (False: the
+    /// schedule cannot be served and no rotation will come from it).
+    pub const SCHEDULED: &str = "Scheduled";
 }
 
 pub struct View {

@@ -35,10 +35,29 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
     v.status.phase = Some(result);
     let event = match (result, &rot.failure) {
         (Phase::Failed, Some(f)) => {
-            let kept = if summary.rolled_back {
-                "the previous value was written back to every target; the old value stays valid"
-            } else {
-                "targets left as they are (onFailure: Hold); the old value stays valid"
+            let old_value_expires = v.source().is_ok_and(|s| s.old_value_expires());
+            let kept = match (
+                rot.issued_at.is_some(),
+                summary.rolled_back,
+                old_value_expires,
+            ) {
+                (false, _, _) => "nothing was issued; the old value stays valid".to_string(),
+                (true, true, _) => {
+                    "the previous value was written back to every target; the old value stays valid"
+                        .to_string()
+                }
+                // Keycloak keeps the old secret only for its grace window.
+                (true, false, true) => format!(
+                    "targets left as they are (onFailure: Hold); the identity provider keeps the old value valid only until {}: finish the rollout on the new value before then",
+                    rot.old_value_valid_until
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                        .unwrap_or_else(|| "the end of its grace window".into())
+                ),
+                (true, false, false) => {
+                    "targets left as they are (onFailure: Hold); the old value stays valid"
+                        .to_string()
+                }
             };
             v.set_condition(
                 condition::READY,

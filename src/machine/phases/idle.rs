@@ -12,6 +12,8 @@ use crate::crd::keys::ROTATE_ANNOTATION;
 use crate::crd::{Phase, RotationStatus, new_rotation_id};
 use crate::decide::{self, Request, Served};
 use crate::error::Result;
+use kube::runtime::events::EventType;
+use tracing::warn;
 
 pub async fn run(v: &mut View) -> Result<Action> {
     // A crash between a rotation's final status write and the deletion of
@@ -40,6 +42,7 @@ pub async fn run(v: &mut View) -> Result<Action> {
         .map(Time);
     v.status.pending_request = None;
     v.status.observed_generation = v.sr.metadata.generation;
+    report_schedule(v).await;
     if !v.has_condition(condition::ROTATING) {
         v.set_condition(
             condition::ROTATING,
@@ -91,6 +94,35 @@ async fn start(v: &mut View, request: Request) -> Result<Action> {
     v.write_status().await?;
     announce::started(v, &id, request).await;
     Ok(Action::requeue(v.ctx.poll))
+}
+
+/// A schedule that can no longer be served says so (condition and a Warning
+/// Event when it turns bad), instead of silently never rotating again.
+async fn report_schedule(v: &mut View) {
+    let Some(schedule) = v.sr.spec.schedule.clone() else {
+        return;
+    };
+    match decide::request::schedule_problem(&schedule) {
+        Some(problem) => {
+            let message = format!("{problem}: no rotation will be scheduled until it is fixed");
+            let was = v
+                .written_condition_reason(condition::SCHEDULED)
+                .map(str::to_string);
+            v.set_condition(condition::SCHEDULED, "False", "InvalidSpec", &message);
+            if was.as_deref() != Some("InvalidSpec") {
+                warn!(problem, "schedule cannot be served");
+                v.event(EventType::Warning, "ScheduleInvalid", message)
+                    .await;
+            }
+        }
+        None => {
+            let message = match &v.status.next_rotation_at {
+                Some(t) => format!("next rotation at {}", t.0),
+                None => "the first rotation has not finished yet".to_string(),
+            };
+            v.set_condition(condition::SCHEDULED, "True", "Scheduled", &message);
+        }
+    }
 }
 
 /// A request that arrives during a rotation is kept (and shown) and served
