@@ -3,8 +3,7 @@
 //! the machine's context, so imports run one way: providers know nothing of
 //! the machine that drives them.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
@@ -37,21 +36,6 @@ impl Deps {
     /// Reads one key of a Secret in `namespace` as a value.
     pub async fn secret_key(&self, namespace: &str, name: &str, key: &str) -> Result<SecretValue> {
         read_secret_key(&self.client, namespace, name, key).await
-    }
-
-    /// Runs one provider call and counts it in `rekey_provider_calls_total`
-    /// and its latency histogram, with the outcome `success` or `error`.
-    pub async fn metered<T>(
-        &self,
-        provider: &str,
-        call: &str,
-        fut: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        let started = Instant::now();
-        let result = fut.await;
-        self.metrics
-            .provider_call(provider, call, outcome(result.is_ok()), started.elapsed());
-        result
     }
 }
 

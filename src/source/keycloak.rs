@@ -70,7 +70,7 @@ impl Keycloak {
         self.deps.metrics.provider_call(
             PROVIDER,
             call,
-            if ok { "success" } else { "error" },
+            crate::deps::outcome(ok),
             started.elapsed(),
         );
     }

@@ -61,10 +61,7 @@ impl Webhook {
         }
         let started = std::time::Instant::now();
         let result = req.send().await;
-        let outcome = match &result {
-            Ok(r) if r.status().is_success() => "success",
-            _ => "error",
-        };
+        let outcome = crate::deps::outcome(matches!(&result, Ok(r) if r.status().is_success()));
         self.deps
             .metrics
             .provider_call("webhook", call, outcome, started.elapsed());

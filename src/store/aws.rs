@@ -93,7 +93,7 @@ impl AwsSecretsManagerStore {
     }
 
     fn observe<T, E>(&self, call: &str, started: Instant, r: &std::result::Result<T, E>) {
-        let outcome = if r.is_ok() { "success" } else { "error" };
+        let outcome = crate::deps::outcome(r.is_ok());
         self.metrics
             .provider_call(PROVIDER, call, outcome, started.elapsed());
     }
