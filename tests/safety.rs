@@ -290,15 +290,7 @@ async fn outbound_hosts_can_be_restricted() {
     let (c, client, ns) = common::setup("allowed-hosts").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = calls.clone();
-    let app = axum::Router::new().fallback(move || {
-        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async { axum::Json(json!({"value": "never-used-value-0123456789"})) }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (url, calls) = counting_webhook().await;
     let _op = Operator::start_with_args(
         c,
         &ns,
