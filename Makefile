@@ -22,13 +22,13 @@ build:
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets --workspace -- -D warnings
 
 unit:
 	$(CARGO) test --locked --lib --bins
 
 integration: testenv
-	$(CARGO) test --locked --test '*' -- --test-threads=8
+	$(CARGO) test --locked --test it -- --test-threads=8
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml

@@ -11,7 +11,7 @@ case "${1:-}" in
     fi
     mkdir -p $dir
     rm -f $dir/ready
-    cargo build --quiet --locked --example testenv
+    cargo build --quiet --locked -p rekey-testenv --example testenv
     nohup target/debug/examples/testenv > $dir/cluster.log 2>&1 &
     echo $! > $dir/pid
     for _ in $(seq 1 300); do

@@ -47,7 +47,7 @@ pub const MANAGER: &str = "rekey";
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
 /// Called after every status write with the phase written; a test uses it
-/// to stop the machine right there (see tests/machine.rs).
+/// to stop the machine right there (see tests/it/machine.rs).
 pub type StatusWritten = Arc<dyn Fn(crate::crd::Phase) + Send + Sync>;
 
 /// Shared by every reconcile.

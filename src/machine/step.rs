@@ -22,7 +22,7 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
         finalizer::ensure(&mut v).await?;
         return phases::idle::run(&mut v).await;
     }
-    phases::grace::watch(&mut v).await;
+    phases::grace::watch(&mut v).await?;
     phases::idle::note_pending_request(&mut v);
     let fingerprint = v.spec_fingerprint();
     if fingerprint != v.rotation().spec_fingerprint {

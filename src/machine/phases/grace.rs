@@ -7,13 +7,14 @@ use tracing::warn;
 use super::super::view::{View, condition};
 use crate::crd::Phase;
 use crate::decide::{self, Grace};
+use crate::error::Result;
 
-pub async fn watch(v: &mut View) {
+pub async fn watch(v: &mut View) -> Result<()> {
     let Some(issued) = v.rotation().issued_at.as_ref().map(|t| t.0) else {
-        return;
+        return Ok(());
     };
     let Ok(window) = v.plan().map(|p| p.grace_window) else {
-        return;
+        return Ok(());
     };
     v.ctx
         .metrics
@@ -23,7 +24,7 @@ pub async fn watch(v: &mut View) {
     let state = decide::grace(issued, window, v.now);
     if state == Grace::Ok || matches!(v.phase(), Phase::Invalidating | Phase::AwaitingConfirmation)
     {
-        return;
+        return Ok(());
     }
     let (reason, msg) = match state {
         Grace::Exceeded => (
@@ -48,7 +49,10 @@ pub async fn watch(v: &mut View) {
             && v.written_condition_reason(condition::GRACE_WINDOW_AT_RISK) != Some(reason)
     {
         v.rotation_mut().grace_warned = true;
+        // The condition is recorded before the Event announces it.
+        v.write_status().await?;
         warn!(rotation = %id, reason, "grace window at risk");
         v.event(EventType::Warning, reason, message).await;
     }
+    Ok(())
 }

@@ -2,10 +2,11 @@
 //! until every proof is in, and dies right after — proven with real token
 //! requests against a real Keycloak, real ESO and real rollouts.
 
-mod common;
+use rekey_testenv as common;
 
 use std::time::{Duration, Instant};
 
+use crate::REKEY;
 use common::fixtures::*;
 use common::keycloak::keycloak;
 use common::operator::Operator;
@@ -52,7 +53,7 @@ async fn old_secret_works_until_proof_and_dies_after() {
     );
     scene(c, &client, &ns, &old).await;
     admin_secret(&client, &ns, kc).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     // Await: another restarter (here: the test) restarts the app, which holds
     // the rotation in AwaitingRollout: the zero-downtime window to observe.
     let mut spec = keycloak_spec(&kc.url, &realm);
@@ -126,7 +127,7 @@ async fn a_rollout_that_never_completes_leaves_the_old_secret_valid() {
     scene(c, &client, &ns, &old).await;
     admin_secret(&client, &ns, kc).await;
     block_new_pods(&client, &ns, 2).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = keycloak_spec(&kc.url, &realm);
     spec["proof"]["timeout"] = json!("20s");
     spec["onFailure"] = json!("Rollback");
@@ -167,7 +168,7 @@ async fn preflight_refuses_a_client_without_a_rotation_policy() {
     let (_, old) = kc.realm_with_client(&realm, "ai-component", None).await;
     scene(c, &client, &ns, &old).await;
     admin_secret(&client, &ns, kc).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     create_rotation(&client, &ns, "ai-component", keycloak_spec(&kc.url, &realm)).await;
     let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;
     let failure = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();

@@ -11,7 +11,7 @@
 //! old value invalidated only after the proof, and every place holding the
 //! same new value.
 
-mod common;
+use rekey_testenv as common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -463,12 +463,17 @@ fn check(w: &World) -> std::result::Result<(), String> {
 #[tokio::test]
 async fn a_crash_after_any_effect_or_status_write_still_ends_in_one_proven_rotation() {
     // The simulated crashes are expected: keep their panic messages quiet.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !info.to_string().contains("simulated crash after") {
-            default_hook(info);
-        }
-    }));
+    // The hook is process-wide and the other tests run in this process too:
+    // it is installed once and passes every other panic on.
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.to_string().contains("simulated crash after") {
+                default_hook(info);
+            }
+        }));
+    });
     let (c, client, ns) = common::setup("machine-crash").await;
     common::fixtures::install_crd(c);
 

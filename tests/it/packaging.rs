@@ -2,12 +2,13 @@
 //! `restricted`, least-privilege RBAC that is enough and where every rule is
 //! needed), the `kubectl rekey` plugin, and the example manifests.
 
-mod common;
+use rekey_testenv as common;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::REKEY;
 use common::cluster::{Cluster, repo_root};
 use common::fixtures::*;
 use common::operator::Operator;
@@ -36,7 +37,7 @@ fn helm(c: &Cluster, args: &[&str]) -> String {
 
 #[test]
 fn chart_lints_and_ships_the_committed_crd() {
-    let c = common::cluster_with(common::Options::default());
+    let c = common::cluster();
     let chart = repo_root().join("charts/rekey");
     helm(c, &["lint", "--strict", &chart.display().to_string()]);
     let shipped = std::fs::read_to_string(chart.join("crds/secretrotation.yaml")).unwrap();
@@ -66,7 +67,7 @@ fn chart_lints_and_ships_the_committed_crd() {
 /// and the outbound allowlist reaches the binary.
 #[test]
 fn chart_defaults_are_safe() {
-    let c = common::cluster_with(common::Options::default());
+    let c = common::cluster();
     let chart = repo_root().join("charts/rekey").display().to_string();
     let docs = |extra: &[&str]| -> Vec<serde_yaml::Value> {
         let mut args = vec!["template", "x", chart.as_str()];
@@ -186,7 +187,7 @@ async fn chart_installs_under_restricted_pod_security_and_its_rbac_is_enough() {
 
     // The real binary, with exactly the chart's ServiceAccount permissions.
     let kubeconfig = service_account_kubeconfig(c, &release_ns);
-    let op = Operator::start_with_kubeconfig(c, &ns, kubeconfig);
+    let op = Operator::start_with_kubeconfig(REKEY, c, &ns, kubeconfig);
     generated_rotation_succeeds(&client, &ns, "app-secret").await;
     assert!(
         !op.logs().contains("forbidden"),
@@ -229,7 +230,7 @@ async fn each_rbac_rule_is_needed() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let name = format!("without-{i}");
-        let op = Operator::start_with_kubeconfig(c, &ns, kubeconfig.clone());
+        let op = Operator::start_with_kubeconfig(REKEY, c, &ns, kubeconfig.clone());
         create_rotation(&client, &ns, &name, rotation_spec(json!({"generated": {}}))).await;
         // Each rule's absence shows where it is used.
         let resource = rule.resources.as_ref().unwrap()[0].clone();
@@ -297,7 +298,7 @@ fn plugin(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
 async fn kubectl_rekey_plugin_shows_and_steers_rotations() {
     let (c, client, ns) = common::setup("plugin").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["approval"] = json!({"required": true});
     create_rotation(&client, &ns, "app-secret", spec).await;
@@ -419,15 +420,22 @@ async fn every_example_manifest_is_accepted() {
 /// it dies the other takes over.
 #[tokio::test]
 async fn leader_election_lets_one_replica_work_and_fails_over() {
-    let (c, client, ns) = common::setup("leader").await;
+    // Two replicas and a killed leader: a private cluster, so that the lease
+    // timing does not depend on the load other tests put on the shared one.
+    let opts = common::Options {
+        moto: false,
+        ..common::Options::default()
+    };
+    let (c, client, ns) = common::setup_private("leader", opts).await;
+    let c = &c;
     scene(c, &client, &ns, &common::canary("old")).await;
     let args = ["--leader-election-namespace", ns.as_str()];
-    let mut first = Operator::start_with_args(c, &ns, c.kubeconfig.clone(), &args);
+    let mut first = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &args);
     common::wait_for("a leader", Duration::from_secs(30), || async {
         first.logs().contains("became leader")
     })
     .await;
-    let second = Operator::start_with_args(c, &ns, c.kubeconfig.clone(), &args);
+    let second = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &args);
     generated_rotation_succeeds(&client, &ns, "app-secret").await;
     assert!(first.logs().contains("rotation finished"));
     assert!(

@@ -1,11 +1,12 @@
 //! End-to-end rotations on the real control plane with real ESO and kwok:
 //! the operator binary runs against it and is judged by what a user sees.
 
-mod common;
+use rekey_testenv as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::REKEY;
 use common::fixtures::*;
 use common::operator::Operator;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -22,7 +23,7 @@ async fn generated_value_rotates_through_eso_and_rollout() {
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
     assert_eq!(revisions(&client, &ns, "app").await, 1);
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     let before = op.scrape().await;
     assert!(
         !before.contains("rekey_rotations_started_total{"),
@@ -235,7 +236,7 @@ async fn webhook_invalidates_once_and_only_after_sync_and_rollout() {
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     let spec = rotation_spec(webhook_credential(&url));
     create_rotation(&client, &ns, "app-secret", spec).await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
@@ -284,7 +285,7 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
     .await;
     external_secret(&client, &ns, "wrong-source", "elsewhere").await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(webhook_credential(&url));
     spec["proof"]["externalSecrets"] = json!([{"name": "app-creds", "key": "client_secret"}, {"name": "wrong-source", "key": "client_secret"}]);
     spec["proof"]["timeout"] = json!("15s");
@@ -351,7 +352,7 @@ async fn rollout_that_never_completes_fails_and_holds() {
     // rollout is refused, so the new revision never becomes ready.
     block_new_pods(&client, &ns, 2).await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(webhook_credential(&url));
     spec["proof"]["timeout"] = json!("20s");
     create_rotation(&client, &ns, "app-secret", spec).await;
@@ -378,7 +379,7 @@ async fn rollout_that_never_completes_fails_and_holds() {
 async fn trigger_change_on_demand_annotation_and_schedule_each_start_a_rotation() {
     let (c, client, ns) = common::setup("triggers").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["trigger"] = json!("CHG0001");
     create_rotation(&client, &ns, "app-secret", spec).await;
@@ -460,7 +461,7 @@ async fn approval_gate_holds_until_approved_and_requests_queue() {
     let (c, client, ns) = common::setup("approval").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["approval"] = json!({"required": true});
     create_rotation(&client, &ns, "app-secret", spec).await;
@@ -530,7 +531,7 @@ async fn a_crashing_operator_never_rolls_out_twice() {
         vec![new.clone(), common::canary("second-issue")],
     )
     .await;
-    let mut op = Operator::start(c, &ns);
+    let mut op = Operator::start(REKEY, c, &ns);
     create_rotation(
         &client,
         &ns,
@@ -601,7 +602,7 @@ async fn a_crashing_operator_never_rolls_out_twice() {
 async fn idle_reconciles_write_nothing() {
     let (c, client, ns) = common::setup("idle").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     generated_rotation_succeeds(&client, &ns, "app-secret").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A label change makes the controller reconcile; it has nothing to do.
@@ -634,7 +635,7 @@ async fn manual_source_waits_for_the_person_to_confirm_invalidation() {
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
     put_secret(&client, &ns, "new-client-secret", json!({"value": new})).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     create_rotation(
         &client,
         &ns,
@@ -735,7 +736,7 @@ async fn statefulsets_and_daemonsets_roll_once_per_rotation() {
         .create(&PostParams::default(), &ds)
         .await
         .unwrap();
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["proof"]["workloads"] = json!([
         {"kind": "Deployment", "name": "app"}, {"kind": "StatefulSet", "name": "db"}, {"kind": "DaemonSet", "name": "agent"}]);
@@ -781,7 +782,7 @@ async fn statefulsets_and_daemonsets_roll_once_per_rotation() {
 async fn await_mode_waits_for_another_restarter() {
     let (c, client, ns) = common::setup("await").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["proof"]["restart"] = json!("Await");
     create_rotation(&client, &ns, "app-secret", spec).await;
@@ -813,7 +814,7 @@ async fn late_proof_warns_about_the_grace_window() {
     let (c, client, ns) = common::setup("grace").await;
     scene(c, &client, &ns, &common::canary("old")).await;
     block_new_pods(&client, &ns, 2).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["oldValueValidFor"] = json!("1m");
     spec["proof"]["timeout"] = json!("55s");
@@ -870,7 +871,7 @@ async fn preflight_refuses_what_cannot_be_proven_and_dry_run_changes_nothing() {
         "0",
     )
     .await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
 
     let mut frozen = rotation_spec(json!({"generated": {}}));
     frozen["proof"]["externalSecrets"] = json!([{"name": "frozen", "key": "client_secret"}]);
@@ -923,7 +924,7 @@ async fn a_spec_change_during_a_rotation_fails_it_without_invalidation() {
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(webhook_credential(&url));
     spec["proof"]["restart"] = json!("Await");
     create_rotation(&client, &ns, "app-secret", spec).await;

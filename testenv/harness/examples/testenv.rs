@@ -3,10 +3,9 @@
 //! `.cluster/kubeconfig` and `.cluster/env`. Killing this process stops every
 //! component: its watchdog reaps the whole process group.
 
-#[path = "cluster.rs"]
-mod cluster;
-
 use std::fs;
+
+use rekey_testenv::cluster;
 
 fn main() -> anyhow::Result<()> {
     let repo = cluster::repo_root();

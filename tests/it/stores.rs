@@ -1,11 +1,12 @@
 //! Secrets Manager targets: IBM Cloud Secrets Manager (against the emulator in
-//! tests/common/ibm.rs) and AWS Secrets Manager (against moto), each proven
+//! testenv/harness/src/ibm.rs) and AWS Secrets Manager (against moto), each proven
 //! end to end through the real ESO, and a rotation with both at once.
 
-mod common;
+use rekey_testenv as common;
 
 use std::time::Duration;
 
+use crate::REKEY;
 use aws_sdk_secretsmanager::Client as Aws;
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
 use common::cluster::Cluster;
@@ -446,7 +447,7 @@ async fn ibm_and_aws_targets_rotate_together_through_eso() {
     let (c, client, ns) = common::setup("multi").await;
     let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
     let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     create_rotation(
         &client,
         &ns,
@@ -528,7 +529,7 @@ async fn a_target_that_cannot_be_written_fails_the_rotation_and_rolls_back_the_o
             },
         );
     let (url, log) = webhook(&client, &ns).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     let spec = multi_spec(c, &s, webhook_credential(&url));
     create_rotation(&client, &ns, "ai-component", spec).await;
     let sr = wait_phase(&client, &ns, "ai-component", Phase::Failed, LONG).await;

@@ -14,11 +14,9 @@ use serde_json::{Value, json};
 
 use super::cluster::{Cluster, repo_root};
 
-static CRD: std::sync::Once = std::sync::Once::new();
-
-/// Applies crds/secretrotation.yaml (once per test binary) and waits for it.
+/// Applies crds/secretrotation.yaml (once per cluster) and waits for it.
 pub fn install_crd(c: &Cluster) {
-    CRD.call_once(|| {
+    c.crd.call_once(|| {
         let path = repo_root().join("crds/secretrotation.yaml");
         c.kubectl(&[
             "apply",

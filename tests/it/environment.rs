@@ -1,7 +1,7 @@
 //! The test environment itself: real rollouts on kwok nodes, real ESO syncs,
 //! and no process left behind.
 
-mod common;
+use rekey_testenv as common;
 
 use std::time::Duration;
 
@@ -149,19 +149,12 @@ fn helper_start_cluster_then_die() {
     let Ok(pidfile) = std::env::var("REKEY_PIDFILE") else {
         return;
     };
-    let dir = common::cluster::repo_root()
-        .join("target/testenv-runs")
-        .join(format!("orphan-check-{}", std::process::id()));
-    let c = common::Cluster::start(
-        &dir,
-        &common::Options {
-            nodes: 1,
-            eso: true,
-            eso_env: vec![],
-            moto: true,
-        },
-    )
-    .unwrap();
+    let c = common::private_cluster(common::Options {
+        nodes: 1,
+        eso: true,
+        eso_env: vec![],
+        moto: true,
+    });
     let mut pids = c.pids();
     pids.push(c.process_group() as u32);
     std::fs::write(
@@ -186,7 +179,7 @@ fn run_helper_and_check(die: &str) {
         .args([
             "--ignored",
             "--exact",
-            "helper_start_cluster_then_die",
+            "environment::helper_start_cluster_then_die",
             "--nocapture",
         ])
         .env("REKEY_PIDFILE", &pidfile)

@@ -3,10 +3,11 @@
 //! operator binary: deletion mid-rotation, Secrets rekey does not own,
 //! Secrets in other namespaces.
 
-mod common;
+use rekey_testenv as common;
 
 use std::time::Duration;
 
+use crate::REKEY;
 use common::fixtures::*;
 use common::operator::Operator;
 use k8s_openapi::api::core::v1::{ResourceQuota, Secret};
@@ -42,7 +43,7 @@ async fn deletion_mid_rotation_finishes_the_rotation_first() {
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
     block_new_pods(&client, &ns, 2).await;
-    let op = Operator::start(c, &ns);
+    let op = Operator::start(REKEY, c, &ns);
     create_rotation(
         &client,
         &ns,
@@ -120,7 +121,7 @@ async fn deletion_mid_rotation_finishes_the_rotation_first() {
 async fn deletion_when_idle_is_immediate() {
     let (c, client, ns) = common::setup("finalizer-idle").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     generated_rotation_succeeds(&client, &ns, "app-secret").await;
     let sr = get_rotation(&client, &ns, "app-secret").await;
     assert!(
@@ -163,7 +164,7 @@ async fn an_existing_secret_rekey_did_not_create_is_not_overwritten() {
     let (c, client, ns) = common::setup("not-adopted").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["targets"][0]["kubernetesSecret"]
         .as_object_mut()
@@ -191,7 +192,7 @@ async fn the_external_secrets_own_output_is_refused() {
     let (c, client, ns) = common::setup("eso-output").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["targets"][0]["kubernetesSecret"] =
         json!({"name": "app-creds", "key": "client_secret", "adoptExisting": true});
@@ -219,7 +220,7 @@ async fn a_secret_in_another_namespace_needs_a_grant_made_there() {
     let theirs = common::canary("theirs");
     scene(c, &client, &ns, &old).await;
     put_secret(&client, &other, "shared", json!({"client_secret": theirs})).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["targets"].as_array_mut().unwrap().push(json!({
         "name": "other", "kubernetesSecret": {"namespace": other, "name": "shared", "key": "client_secret", "adoptExisting": true}
@@ -292,6 +293,7 @@ async fn outbound_hosts_can_be_restricted() {
     scene(c, &client, &ns, &old).await;
     let (url, calls) = counting_webhook().await;
     let _op = Operator::start_with_args(
+        REKEY,
         c,
         &ns,
         c.kubeconfig.clone(),
@@ -321,7 +323,7 @@ async fn two_rotations_of_one_secret_take_turns() {
     let (c, client, ns) = common::setup("overlap").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let spec = rotation_spec(json!({"generated": {}}));
     let (a, b) = tokio::join!(
         create_rotation(&client, &ns, "first", spec.clone()),
@@ -416,7 +418,7 @@ async fn a_refused_write_ahead_record_is_found_before_issuing() {
         .await
         .unwrap();
     let (url, issued) = counting_webhook().await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     create_rotation(
         &client,
         &ns,
@@ -460,7 +462,7 @@ async fn counting_webhook() -> (String, std::sync::Arc<std::sync::atomic::Atomic
 async fn a_schedule_that_cannot_be_served_says_so() {
     let (c, client, ns) = common::setup("schedule").await;
     scene(c, &client, &ns, &common::canary("old")).await;
-    let _op = Operator::start(c, &ns);
+    let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["schedule"] = json!({"cron": "a b c d e"});
     let api = Api::<SecretRotation>::namespaced(client.clone(), &ns);

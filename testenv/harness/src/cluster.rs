@@ -14,8 +14,6 @@
 //! any reason (normal exit, panic, SIGKILL) the pipe closes, the watchdog wakes
 //! up and kills the whole group.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -24,7 +22,7 @@ use std::ops::Range;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -124,10 +122,18 @@ pub struct Cluster {
     watchdog: Option<(Child, ChildStdin)>,
     /// Behind a Mutex so `diagnose` can poll them through a shared reference.
     children: Mutex<Vec<(String, Child)>>,
+    /// rekey's CRD applied (see `fixtures::install_crd`), once per cluster.
+    pub(crate) crd: Once,
 }
 
+/// The rekey repository: the directory above this crate holding
+/// `testenv/versions.env`.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .find(|d| d.join("testenv/versions.env").is_file())
+        .unwrap_or_else(|| panic!("no testenv/versions.env above {}", here.display()))
+        .to_path_buf()
 }
 
 // Port choice. Binding port 0 and releasing it is racy: the kernel hands out
@@ -351,6 +357,7 @@ impl Cluster {
             leases: HashMap::new(),
             watchdog: None,
             children: Mutex::new(vec![]),
+            crd: Once::new(),
         };
         cluster.lease_ports(&[
             "etcd",

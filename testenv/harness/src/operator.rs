@@ -1,15 +1,19 @@
 //! Runs the real `rekey` binary against the test cluster, one per test and
 //! namespace, with its log captured for canary checks.
+//!
+//! The binary's path comes from the caller: Cargo tells only the rekey
+//! package's integration tests where it built it (`CARGO_BIN_EXE_rekey`).
 
 use std::fs;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::cluster::{Cluster, free_port};
 
 pub struct Operator {
+    bin: PathBuf,
     child: Option<Child>,
     pub log: PathBuf,
     pub metrics_port: u16,
@@ -24,22 +28,29 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts `rekey run` watching only `namespace`.
-    pub fn start(c: &Cluster, namespace: &str) -> Operator {
-        Self::start_with_kubeconfig(c, namespace, c.kubeconfig.clone())
+    /// Starts `bin run` (the rekey binary) watching only `namespace`.
+    pub fn start(bin: impl AsRef<Path>, c: &Cluster, namespace: &str) -> Operator {
+        Self::start_with_kubeconfig(bin, c, namespace, c.kubeconfig.clone())
     }
 
-    pub fn start_with_kubeconfig(c: &Cluster, namespace: &str, kubeconfig: PathBuf) -> Operator {
-        Self::start_with_args(c, namespace, kubeconfig, &[])
+    pub fn start_with_kubeconfig(
+        bin: impl AsRef<Path>,
+        c: &Cluster,
+        namespace: &str,
+        kubeconfig: PathBuf,
+    ) -> Operator {
+        Self::start_with_args(bin, c, namespace, kubeconfig, &[])
     }
 
     pub fn start_with_args(
+        bin: impl AsRef<Path>,
         c: &Cluster,
         namespace: &str,
         kubeconfig: PathBuf,
         extra_args: &[&str],
     ) -> Operator {
         let mut op = Operator {
+            bin: bin.as_ref().to_path_buf(),
             id: rand::random::<u32>() % 1_000_000,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
@@ -61,7 +72,7 @@ impl Operator {
             self.namespace, self.id, self.restarts
         ));
         let log = fs::File::create(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rekey"))
+        let child = Command::new(&self.bin)
             .args(["run", "--poll=500ms"])
             .arg(format!("--namespaces={}", self.namespace))
             .arg(format!("--metrics-addr=127.0.0.1:{}", self.metrics_port))

@@ -1,7 +1,7 @@
 //! The CRD: the committed YAML matches the code, and the API server itself
 //! rejects bad SecretRotations with the message a person needs.
 
-mod common;
+use rekey_testenv as common;
 
 use common::fixtures::install_crd;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
@@ -45,12 +45,7 @@ async fn create(api: &Api<DynamicObject>, name: &str, spec: Value) -> Result<(),
 
 #[tokio::test]
 async fn api_server_rejects_invalid_specs_with_readable_messages() {
-    let c = common::cluster_with(common::Options {
-        nodes: 1,
-        eso: false,
-        eso_env: vec![],
-        moto: false,
-    });
+    let c = common::cluster();
     install_crd(c);
     let client = common::client_for(c).await;
     let ns = common::namespace(&client, "crd").await;

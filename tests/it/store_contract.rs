@@ -1,13 +1,13 @@
 //! The `rekey::store::Store` contract (src/store/mod.rs), checked once by one
 //! generic function against each real store: a Kubernetes Secret on the
 //! test API server, IBM Cloud Secrets Manager on the emulator in
-//! tests/common/ibm.rs and AWS Secrets Manager on moto.
+//! testenv/harness/src/ibm.rs and AWS Secrets Manager on moto.
 //!
 //! Every guarantee is checked to the end and reported in a table
 //! (store | guarantee | result); the test then fails naming every guarantee
 //! that broke, not only the first.
 
-mod common;
+use rekey_testenv as common;
 
 use aws_sdk_secretsmanager::Client as Aws;
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};

@@ -1,7 +1,7 @@
 //! A real Keycloak server (the Quarkus distribution from Maven Central, built
 //! by `make testenv`) in dev mode with the preview feature
-//! `client-secret-rotation`, one per test binary, in the cluster's process
-//! group (so the watchdog reaps it too). Plus admin helpers for tests.
+//! `client-secret-rotation`, one per test process, in the shared cluster's
+//! process group (so the watchdog reaps it too). Plus admin helpers for tests.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -22,7 +22,8 @@ pub struct KeycloakServer {
 
 static KEYCLOAK: OnceLock<Result<KeycloakServer, String>> = OnceLock::new();
 
-/// The Keycloak of this test binary, started on first use.
+/// The Keycloak of this test process, started on first use in `c` (the
+/// shared cluster).
 /// Startup runs on its own thread, so it can be called from any test's runtime.
 pub fn keycloak(c: &'static Cluster) -> &'static KeycloakServer {
     let started = KEYCLOAK.get_or_init(|| {

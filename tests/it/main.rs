@@ -1,0 +1,21 @@
+//! Every integration suite in one test binary, compiled once. The suites share
+//! one cluster of the harness (`testenv/harness`, crate `rekey-testenv`),
+//! started on first use, each test in namespaces of its own; tests that would
+//! disturb the others there use a private cluster
+//! (`rekey_testenv::private_cluster`).
+//!
+//! Run one suite with `cargo test --test it <suite>::`, e.g. `keycloak::`.
+
+mod crd;
+mod environment;
+mod keycloak;
+mod machine;
+mod packaging;
+mod rotation;
+mod safety;
+mod store_contract;
+mod stores;
+
+/// The rekey binary Cargo built for these tests (`CARGO_BIN_EXE_*` exists
+/// only here, in the rekey package's integration tests, not in the harness).
+const REKEY: &str = env!("CARGO_BIN_EXE_rekey");
