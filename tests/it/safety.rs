@@ -365,21 +365,25 @@ async fn two_rotations_of_one_secret_take_turns() {
     } else {
         (second, first)
     };
-    let issuing_started = {
-        let before: f64 = late
-            .phases
-            .iter()
-            .take_while(|p| p.phase != Phase::Issuing)
-            .map(|p| p.seconds)
-            .sum();
-        late.started_at.as_ref().unwrap().0 + jiff::SignedDuration::from_secs_f64(before)
+    // Event times are the operator's clock to the microsecond (status times
+    // are whole seconds): the later rotation's Issuing transition comes after
+    // the earlier one's RotationSucceeded.
+    let all = events(&client, &ns).await;
+    let at = |rotation: &str, reason: &str| {
+        all.iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter(|e| e.message.as_deref().is_some_and(|m| m.contains(rotation)))
+            .filter_map(|e| e.event_time.as_ref().map(|t| t.0))
+            .min()
+            .unwrap_or_else(|| panic!("no {reason} Event of {rotation}"))
     };
+    let issuing_started = at(&late.id, "Issuing");
+    let early_finished = at(&early.id, "RotationSucceeded");
     assert!(
-        issuing_started >= early.finished_at.as_ref().unwrap().0,
-        "interleaved: {} issued at {issuing_started} before {} finished at {:?}",
+        issuing_started > early_finished,
+        "interleaved: {} entered Issuing at {issuing_started}, before {} finished at {early_finished}",
         late.id,
         early.id,
-        early.finished_at
     );
     // What ESO delivers and the store holds is one value, the last one's.
     let synced = read_key(&client, &ns, "app-creds", "client_secret")
