@@ -11,7 +11,7 @@ pub mod transition;
 
 pub use grace::{Grace, grace, grace_left, timed_out};
 pub use request::{Request, Served, cron_is_valid, next_cron, next_rotation_at, rotation_request};
-pub use rollout::{RolloutFacts, rollout_complete};
+pub use rollout::{RolloutFacts, on_rotation_template, rollout_complete};
 pub use transition::{
     AfterFailure, FailureFacts, Next, OnTransient, Outcome, Route, after_failure, next,
     on_transient_error, spec_change_allowed, waits_for_a_person,

@@ -1,4 +1,6 @@
-//! The rollout verdict: is a workload's rollout complete.
+//! The rollout verdict: is a workload's rollout complete, and on which template.
+
+use crate::crd::{RestartMode, RotationStatus, WorkloadRef};
 
 /// Rollout counters of a Deployment, StatefulSet or DaemonSet, normalised.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -27,6 +29,26 @@ pub fn rollout_complete(f: &RolloutFacts) -> bool {
         && f.available == f.desired
         && f.current == f.desired
         && f.revisions_converged
+}
+
+/// Whether workload `w` runs a pod template of this rotation: stamped with
+/// its id (restart: Trigger), or changed since the baseline recorded before
+/// the refresh request (restart: Await; a scale does not change it).
+pub fn on_rotation_template(
+    mode: RestartMode,
+    rotation: &RotationStatus,
+    w: &WorkloadRef,
+    stamped: Option<&str>,
+    template: &str,
+) -> bool {
+    match mode {
+        RestartMode::Trigger => stamped == Some(rotation.id.as_str()),
+        RestartMode::Await => rotation
+            .workload_baselines
+            .iter()
+            .find(|b| b.kind == w.kind && b.name == w.name)
+            .is_some_and(|b| template != b.template),
+    }
 }
 
 #[cfg(test)]

@@ -110,9 +110,7 @@ impl Context {
             swept: Arc::default(),
         }
     }
-}
 
-impl Context {
     /// True the first time it is asked for an object in this process.
     pub(crate) fn first_idle_look(&self, namespace: &str, name: &str) -> bool {
         self.swept

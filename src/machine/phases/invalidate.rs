@@ -3,8 +3,8 @@
 //! a person to confirm they did (manual source).
 
 use super::super::view::View;
+use crate::crd::Phase;
 use crate::crd::keys::restart_annotation;
-use crate::crd::{Phase, RestartMode};
 use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::proof::eso::SyncState;
@@ -79,14 +79,13 @@ async fn proof_lost(v: &View) -> Result<Option<String>> {
     let annotation = restart_annotation(&v.name);
     for w in &v.sr.spec.proof.workloads {
         let o = workloads.observe(w, &annotation).await?;
-        let on_proven_template = match v.sr.spec.proof.restart {
-            RestartMode::Trigger => o.stamped.as_deref() == Some(rot.id.as_str()),
-            RestartMode::Await => rot
-                .workload_baselines
-                .iter()
-                .find(|b| b.kind == w.kind && b.name == w.name)
-                .is_some_and(|b| o.template != b.template),
-        };
+        let on_proven_template = decide::on_rotation_template(
+            v.sr.spec.proof.restart,
+            &rot,
+            w,
+            o.stamped.as_deref(),
+            &o.template,
+        );
         if !on_proven_template || !decide::rollout_complete(&o.facts) {
             lost.push(format!(
                 "{:?} {} is no longer rolled out on the new value",

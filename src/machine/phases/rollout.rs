@@ -17,21 +17,15 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let mut waiting = vec![];
     for w in &v.sr.spec.proof.workloads {
         let o = workloads.observe(w, &annotation).await?;
-        let restarted = match v.sr.spec.proof.restart {
-            RestartMode::Trigger => {
-                if o.stamped.as_deref() != Some(rot.id.as_str()) {
-                    workloads.restart(w, &annotation, &rot.id).await?;
-                    waiting.push(format!("{:?} {} restarting", w.kind, w.name));
-                    continue;
-                }
-                true
-            }
-            RestartMode::Await => rot
-                .workload_baselines
-                .iter()
-                .find(|b| b.kind == w.kind && b.name == w.name)
-                .is_some_and(|b| o.template != b.template),
-        };
+        let mode = v.sr.spec.proof.restart;
+        let restarted =
+            decide::on_rotation_template(mode, &rot, w, o.stamped.as_deref(), &o.template);
+        if !restarted && mode == RestartMode::Trigger {
+            // One stamp per rotation: exactly one rollout.
+            workloads.restart(w, &annotation, &rot.id).await?;
+            waiting.push(format!("{:?} {} restarting", w.kind, w.name));
+            continue;
+        }
         if !restarted {
             waiting.push(format!(
                 "{:?} {} not restarted yet (restart: Await)",
