@@ -79,6 +79,10 @@ reasons! {
     RollbackTimeout: Never,
     /// An ExternalSecret ignores refresh requests.
     RefreshNotHonoured: Never,
+    /// A proof key is not in the ExternalSecret's Secret.
+    ProofKeyMissing: Never,
+    /// A proof key does not hold the value the targets hold.
+    ProofKeyMismatch: Never,
     /// A named ExternalSecret does not exist.
     ExternalSecretNotFound: Never,
     /// A named workload does not exist.

@@ -400,13 +400,20 @@ pub struct Proof {
     /// something else restarts them (e.g. Reloader); rekey waits for it.
     #[serde(default)]
     pub restart: RestartMode,
-    /// How long each wait (sync, rollout) may take before the rotation fails,
-    /// as a duration between 10s and 24h. Default 20m.
+    /// How long the whole proof may take, from the moment the new value is
+    /// issued until it is proven (writing, sync, rollout and verification
+    /// together), as a duration between 10s and 24h. Default 20m. It must
+    /// leave a tenth of `oldValueValidFor` free.
     #[serde(default = "default_proof_timeout")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')")
         .message("proof.timeout must be a duration between 10s and 24h, e.g. 20m"))]
     pub timeout: String,
+    /// Set to true to start even when the recent rotations were slow: by
+    /// default Preflight refuses when twice the slowest sync plus rollout of
+    /// the last five successful rotations does not fit in `oldValueValidFor`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_history: bool,
     /// Set to true to rotate without any proof (nothing consumes the value
     /// through ESO or a workload). The old value is then invalidated right
     /// after the targets were written.
@@ -426,8 +433,31 @@ pub struct ExternalSecretProof {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Key in the ExternalSecret's target Secret that must hold the new value.
+    /// When `target.template` renames or reshapes the data, name the key the
+    /// template renders (Preflight refuses a key the Secret does not have).
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+    /// How the key must hold the value. `Exact` (default): the key's bytes
+    /// are the value. `Contains`: the key embeds the value, e.g. a DSN a
+    /// template renders around it.
+    #[serde(default, rename = "match", skip_serializing_if = "KeyMatch::is_exact")]
+    pub match_mode: KeyMatch,
+}
+
+/// How a synced key must hold the value.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KeyMatch {
+    /// The key's bytes are the value.
+    #[default]
+    Exact,
+    /// The key's bytes contain the value.
+    Contains,
+}
+
+impl KeyMatch {
+    pub fn is_exact(&self) -> bool {
+        *self == KeyMatch::Exact
+    }
 }
 
 /// A workload that must roll out on the new value.

@@ -155,6 +155,10 @@ pub struct RotationStatus {
     /// When the new value was issued: the identity provider's grace clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<Time>,
+    /// When the proof must be complete: `proof.timeout` after `issuedAt`,
+    /// one deadline for writing, sync, rollout and verification together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_deadline: Option<Time>,
     /// When the old value stops being valid at the identity provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old_value_valid_until: Option<Time>,
@@ -169,6 +173,12 @@ pub struct RotationStatus {
     /// the request (a value rekey wrote cannot prove itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sync_baselines: Vec<SyncBaseline>,
+    /// When the new value reached the synced Secrets: ESO's last sync time
+    /// of the proven ExternalSecrets (second precision), or the last target
+    /// write when none is proven. With `restart: Await` only pods created at
+    /// or after it count as restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_value_synced_at: Option<Time>,
     /// When every ExternalSecret held the new value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced_at: Option<Time>,

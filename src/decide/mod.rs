@@ -9,9 +9,11 @@ pub mod rollout;
 pub mod summary;
 pub mod transition;
 
-pub use grace::{Grace, grace, grace_left, timed_out};
+pub use grace::{
+    Grace, budget_problem, grace, grace_left, safety_margin, timed_out, under_proof_deadline,
+};
 pub use request::{Request, Served, cron_is_valid, next_cron, next_rotation_at, rotation_request};
-pub use rollout::{RolloutFacts, on_rotation_template, rollout_complete};
+pub use rollout::{RolloutFacts, on_rotation_template, rollout_complete, started_after_sync};
 pub use transition::{
     AfterFailure, FailureFacts, Next, OnTransient, Outcome, Route, after_failure, next,
     on_transient_error, spec_change_allowed, waits_for_a_person,

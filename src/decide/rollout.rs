@@ -1,5 +1,7 @@
 //! The rollout verdict: is a workload's rollout complete, and on which template.
 
+use jiff::Timestamp;
+
 use crate::crd::{RestartMode, RotationStatus, WorkloadRef};
 
 /// Rollout counters of a Deployment, StatefulSet or DaemonSet, normalised.
@@ -51,9 +53,29 @@ pub fn on_rotation_template(
     }
 }
 
+/// Whether a workload's pods all started after the new value reached the
+/// synced Secrets (restart: Await). Both times have second precision, so a
+/// pod created in the same second counts. No pod: nothing runs the old value.
+pub fn started_after_sync(oldest_pod: Option<Timestamp>, synced: Option<Timestamp>) -> bool {
+    match (oldest_pod, synced) {
+        (Some(pod), Some(synced)) => pod.as_second() >= synced.as_second(),
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pods_started_in_or_after_the_sync_second_count() {
+        let t = |s: &str| Some(s.parse::<Timestamp>().unwrap());
+        let synced = t("2026-01-01T00:00:10.700Z");
+        assert!(started_after_sync(t("2026-01-01T00:00:11Z"), synced));
+        assert!(started_after_sync(t("2026-01-01T00:00:10Z"), synced));
+        assert!(!started_after_sync(t("2026-01-01T00:00:09Z"), synced));
+        assert!(started_after_sync(None, synced));
+    }
 
     #[test]
     fn rollout_is_complete_only_when_every_counter_agrees() {

@@ -138,14 +138,21 @@ impl View {
         })
     }
 
-    /// Whether the current phase has spent `proof.timeout`. A spec whose
+    /// Whether the current wait has run out of time. From Writing to
+    /// Invalidating that is one deadline, `proof.timeout` after the new value
+    /// was issued; other phases get `proof.timeout` each. A spec whose
     /// timeout does not parse has no budget left.
     pub fn phase_timed_out(&self) -> bool {
         let Ok(plan) = self.plan() else {
             return true;
         };
-        let since = self
-            .rotation()
+        let rot = self.rotation();
+        if decide::under_proof_deadline(self.phase())
+            && let Some(deadline) = &rot.proof_deadline
+        {
+            return self.now > deadline.0;
+        }
+        let since = rot
             .phase_started_at
             .as_ref()
             .map(|t| t.0)
@@ -167,9 +174,19 @@ impl View {
         self.status.conditions.iter().any(|c| c.type_ == type_)
     }
 
+    /// Sets the Rotating condition; once a value is issued its message also
+    /// says until when the old value is valid and when the proof must be done.
     pub fn set_rotating(&mut self, message: &str) {
         let phase = self.phase().as_str();
-        self.set_condition(condition::ROTATING, "True", phase, message);
+        let rot = self.rotation();
+        let mut message = message.to_string();
+        if let Some(until) = &rot.old_value_valid_until {
+            message.push_str(&format!("; old value valid until {}", until.0));
+        }
+        if let Some(deadline) = &rot.proof_deadline {
+            message.push_str(&format!("; proof deadline {}", deadline.0));
+        }
+        self.set_condition(condition::ROTATING, "True", phase, &message);
     }
 
     pub fn set_condition(&mut self, type_: &str, status: &str, reason: &str, message: &str) {

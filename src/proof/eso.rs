@@ -7,7 +7,9 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::Value;
 
-use crate::crd::ExternalSecretProof;
+use jiff::Timestamp;
+
+use crate::crd::{ExternalSecretProof, KeyMatch};
 use crate::error::{Error, Result};
 use crate::reason::Reason;
 use crate::value::SecretValue;
@@ -29,8 +31,30 @@ pub fn external_secret_resource() -> ApiResource {
 pub enum SyncState {
     /// Ready, and the target Secret's key holds the expected value.
     Synced,
-    /// Not there yet (with a short, safe description).
+    /// Ready, but the key holds another value (with a short, safe description).
+    ReadyWithOtherValue(String),
+    /// Not Ready, or the Secret or key is missing (with a short, safe
+    /// description).
     Waiting(String),
+}
+
+impl SyncState {
+    /// What is awaited, unless synced.
+    pub fn waiting_for(self) -> Option<String> {
+        match self {
+            SyncState::Synced => None,
+            SyncState::ReadyWithOtherValue(why) | SyncState::Waiting(why) => Some(why),
+        }
+    }
+}
+
+/// Whether the bytes of a synced key hold `value` under `mode`.
+pub fn key_holds(key: &[u8], value: &SecretValue, mode: KeyMatch) -> bool {
+    let value = value.expose().as_bytes();
+    match mode {
+        KeyMatch::Exact => key == value,
+        KeyMatch::Contains => !value.is_empty() && key.windows(value.len()).any(|w| w == value),
+    }
 }
 
 pub struct ExternalSecrets {
@@ -67,8 +91,14 @@ impl ExternalSecrets {
             })
     }
 
-    /// Refuses ExternalSecrets that exist but would ignore a refresh request.
-    pub async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()> {
+    /// Refuses ExternalSecrets that exist but would ignore a refresh
+    /// request, and proof keys that do not hold one of `current` (the values
+    /// the targets hold now; nothing to compare when empty).
+    pub async fn preflight(
+        &self,
+        proof: &ExternalSecretProof,
+        current: &[SecretValue],
+    ) -> Result<()> {
         let es = self.get(&proof.name).await?;
         let policy = str_at(&es.data, &["spec", "refreshPolicy"]).unwrap_or("Periodic");
         let interval = str_at(&es.data, &["spec", "refreshInterval"]).unwrap_or("1h");
@@ -82,10 +112,50 @@ impl ExternalSecrets {
                 ),
             ));
         }
+        if current.is_empty() {
+            return Ok(());
+        }
+        let target = target_secret(&es, proof);
+        let secret = self
+            .secrets
+            .get_opt(&target)
+            .await
+            .map_err(|e| Error::kube("read synced Secret", e))?;
+        let data = secret.and_then(|s| s.data).unwrap_or_default();
+        let Some(key) = data.get(&proof.key) else {
+            let mut keys: Vec<&str> = data.keys().map(String::as_str).collect();
+            keys.truncate(10);
+            return Err(Error::permanent(
+                Reason::ProofKeyMissing,
+                format!(
+                    "Secret {target} (synced by ExternalSecret {}) has no key {} (its keys: {}): a target.template may rename it; point proof.externalSecrets[].key at the key that carries the value",
+                    proof.name,
+                    proof.key,
+                    keys.join(", ")
+                ),
+            ));
+        };
+        if !current
+            .iter()
+            .any(|c| key_holds(&key.0, c, proof.match_mode))
+        {
+            return Err(Error::permanent(
+                Reason::ProofKeyMismatch,
+                format!(
+                    "key {} of Secret {target} (synced by ExternalSecret {}) does not hold the value the targets hold now (match: {:?}): it is fed by another store, or a template changes the value (use match: Contains for a key that embeds it)",
+                    proof.key, proof.name, proof.match_mode
+                ),
+            ));
+        }
         Ok(())
     }
 
-    /// Asks ESO to sync now. Idempotent: the same token twice is one request.
+    /// When ESO last synced the ExternalSecret (`status.refreshTime`).
+    pub async fn synced_at(&self, proof: &ExternalSecretProof) -> Result<Option<Timestamp>> {
+        let es = self.get(&proof.name).await?;
+        Ok(str_at(&es.data, &["status", "refreshTime"]).and_then(|t| t.parse().ok()))
+    }
+
     /// Asks ESO to sync now (idempotent per token) and reports whether the
     /// ExternalSecret is Ready with its target Secret holding `expected`.
     pub async fn refresh_and_check(
@@ -162,9 +232,7 @@ impl ExternalSecrets {
                 c.get("type").and_then(Value::as_str) == Some("Ready")
                     && c.get("status").and_then(Value::as_str) == Some("True")
             });
-        let target = str_at(&es.data, &["spec", "target", "name"])
-            .unwrap_or(&proof.name)
-            .to_string();
+        let target = target_secret(es, proof);
         let secret = self
             .secrets
             .get_opt(&target)
@@ -175,20 +243,30 @@ impl ExternalSecrets {
                 "Secret {target} not created yet"
             )));
         };
-        let holds = secret
-            .data
-            .unwrap_or_default()
-            .get(&proof.key)
-            .is_some_and(|b| b.0.as_slice() == expected.expose().as_bytes());
+        let data = secret.data.unwrap_or_default();
+        let Some(key) = data.get(&proof.key) else {
+            return Ok(SyncState::Waiting(format!(
+                "Secret {target} has no key {}",
+                proof.key
+            )));
+        };
+        let holds = key_holds(&key.0, expected, proof.match_mode);
         Ok(match (ready, holds) {
             (true, true) => SyncState::Synced,
             (false, _) => SyncState::Waiting(format!("ExternalSecret {} not Ready", proof.name)),
-            (true, false) => SyncState::Waiting(format!(
-                "Secret {target} key {} does not hold the new value yet",
+            (true, false) => SyncState::ReadyWithOtherValue(format!(
+                "Secret {target} key {} does not hold the expected value",
                 proof.key
             )),
         })
     }
+}
+
+/// The name of the Secret ESO writes for `es`.
+fn target_secret(es: &DynamicObject, proof: &ExternalSecretProof) -> String {
+    str_at(&es.data, &["spec", "target", "name"])
+        .unwrap_or(&proof.name)
+        .to_string()
 }
 
 fn synced_resource_version(es: &DynamicObject) -> &str {

@@ -5,6 +5,7 @@ pub mod eso;
 pub mod rollout;
 
 use async_trait::async_trait;
+use jiff::Timestamp;
 
 use crate::crd::{ExternalSecretProof, WorkloadRef};
 use crate::error::Result;
@@ -15,8 +16,10 @@ use rollout::Observed;
 /// Reads and nudges the ExternalSecrets of one namespace.
 #[async_trait]
 pub trait SyncProof: Send + Sync {
-    /// Refuses an ExternalSecret that is missing or would ignore a refresh request.
-    async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()>;
+    /// Refuses an ExternalSecret that is missing or would ignore a refresh
+    /// request, and a proof key that does not hold one of `current` (the
+    /// values the targets hold now; not compared when empty).
+    async fn preflight(&self, proof: &ExternalSecretProof, current: &[SecretValue]) -> Result<()>;
     /// Asks ESO to sync now (idempotent per token) and reports whether the
     /// ExternalSecret is Ready with its target Secret holding `expected` and,
     /// given `synced_after` (a `synced_version` read before the request),
@@ -30,6 +33,8 @@ pub trait SyncProof: Send + Sync {
     ) -> Result<SyncState>;
     /// A marker that changes with every sync ESO makes.
     async fn synced_version(&self, proof: &ExternalSecretProof) -> Result<String>;
+    /// When ESO last synced the ExternalSecret (second precision).
+    async fn synced_at(&self, proof: &ExternalSecretProof) -> Result<Option<Timestamp>>;
     /// Reads again, without a refresh request: is the ExternalSecret Ready
     /// with its target Secret holding `expected`?
     async fn check(&self, proof: &ExternalSecretProof, expected: &SecretValue)
@@ -43,12 +48,14 @@ pub trait RolloutProof: Send + Sync {
     async fn observe(&self, w: &WorkloadRef, annotation: &str) -> Result<Observed>;
     /// Stamps the pod template with `rotation_id`: exactly one rollout.
     async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()>;
+    /// When the oldest of the workload's pods (not being deleted) was created.
+    async fn oldest_pod(&self, w: &WorkloadRef) -> Result<Option<Timestamp>>;
 }
 
 #[async_trait]
 impl SyncProof for eso::ExternalSecrets {
-    async fn preflight(&self, proof: &ExternalSecretProof) -> Result<()> {
-        eso::ExternalSecrets::preflight(self, proof).await
+    async fn preflight(&self, proof: &ExternalSecretProof, current: &[SecretValue]) -> Result<()> {
+        eso::ExternalSecrets::preflight(self, proof, current).await
     }
     async fn refresh_and_check(
         &self,
@@ -61,6 +68,9 @@ impl SyncProof for eso::ExternalSecrets {
     }
     async fn synced_version(&self, proof: &ExternalSecretProof) -> Result<String> {
         eso::ExternalSecrets::synced_version(self, proof).await
+    }
+    async fn synced_at(&self, proof: &ExternalSecretProof) -> Result<Option<Timestamp>> {
+        eso::ExternalSecrets::synced_at(self, proof).await
     }
     async fn check(
         &self,
@@ -78,5 +88,8 @@ impl RolloutProof for rollout::Workloads {
     }
     async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()> {
         rollout::Workloads::restart(self, w, annotation, rotation_id).await
+    }
+    async fn oldest_pod(&self, w: &WorkloadRef) -> Result<Option<Timestamp>> {
+        rollout::Workloads::oldest_pod(self, w).await
     }
 }

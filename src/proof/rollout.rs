@@ -2,9 +2,13 @@
 //! per rotation (Trigger) or wait for another restarter (Await), then wait
 //! until the rollout is complete.
 
+use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::Selector;
 
 use crate::crd::{WorkloadKind, WorkloadRef};
 use crate::decide::RolloutFacts;
@@ -121,6 +125,32 @@ impl Workloads {
                 }
             }
         })
+    }
+
+    /// When the oldest running pod of the workload was created (pods being
+    /// deleted are left out; None when it has none).
+    pub async fn oldest_pod(&self, w: &WorkloadRef) -> Result<Option<Timestamp>> {
+        let selector: Option<LabelSelector> = match w.kind {
+            WorkloadKind::Deployment => self.get::<Deployment>(w).await?.spec.map(|s| s.selector),
+            WorkloadKind::StatefulSet => self.get::<StatefulSet>(w).await?.spec.map(|s| s.selector),
+            WorkloadKind::DaemonSet => self.get::<DaemonSet>(w).await?.spec.map(|s| s.selector),
+        };
+        let selector = Selector::try_from(selector.unwrap_or_default()).map_err(|_| {
+            Error::permanent(
+                Reason::WorkloadNotFound,
+                format!("{:?} {} has a selector rekey cannot read", w.kind, w.name),
+            )
+        })?;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .list_metadata(&ListParams::default().labels_from(&selector))
+            .await
+            .map_err(|e| Error::kube("list pods", e))?;
+        Ok(pods
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .min())
     }
 
     /// Stamps the pod template with the rotation id, which starts exactly one

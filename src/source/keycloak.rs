@@ -424,6 +424,14 @@ impl CredentialSource for Keycloak {
         true
     }
 
+    async fn old_value_lifetime(&self) -> Result<Option<std::time::Duration>> {
+        let (_, client) = self.client().await?;
+        Ok(self
+            .rotated_lifetime(&client)
+            .await?
+            .map(std::time::Duration::from_secs))
+    }
+
     async fn prepare_issue(&self) -> Result<String> {
         let (_, client) = self.client().await?;
         Ok(Self::marker_of(&client))

@@ -55,6 +55,11 @@ pub trait CredentialSource: Send + Sync {
     fn old_value_expires(&self) -> bool {
         false
     }
+    /// How long the identity provider keeps the old value valid after an
+    /// issue, where it says (read again right after issuing).
+    async fn old_value_lifetime(&self) -> Result<Option<std::time::Duration>> {
+        Ok(None)
+    }
     /// Proves the new value works, where the provider allows it.
     async fn verify(&self, _value: &SecretValue) -> Result<()> {
         Ok(())

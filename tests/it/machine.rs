@@ -205,7 +205,11 @@ struct FakeSync(Shared);
 
 #[async_trait]
 impl SyncProof for FakeSync {
-    async fn preflight(&self, _proof: &ExternalSecretProof) -> Result<()> {
+    async fn preflight(
+        &self,
+        _proof: &ExternalSecretProof,
+        _current: &[SecretValue],
+    ) -> Result<()> {
         Ok(())
     }
     async fn refresh_and_check(
@@ -239,6 +243,9 @@ impl SyncProof for FakeSync {
     async fn synced_version(&self, _proof: &ExternalSecretProof) -> Result<String> {
         Ok(format!("synced-{}", self.0.lock().unwrap().refreshes.len()))
     }
+    async fn synced_at(&self, _proof: &ExternalSecretProof) -> Result<Option<jiff::Timestamp>> {
+        Ok(None)
+    }
     async fn check(
         &self,
         _proof: &ExternalSecretProof,
@@ -250,10 +257,13 @@ impl SyncProof for FakeSync {
 
 impl FakeSync {
     fn state(&self, expected: &SecretValue) -> SyncState {
-        if self.0.lock().unwrap().delivered == expected.expose() {
+        let delivered = &self.0.lock().unwrap().delivered;
+        if delivered == expected.expose() {
             SyncState::Synced
-        } else {
+        } else if delivered.is_empty() {
             SyncState::Waiting("not synced".into())
+        } else {
+            SyncState::ReadyWithOtherValue("another value".into())
         }
     }
 }
@@ -291,6 +301,9 @@ impl RolloutProof for FakeRollouts {
         }
         effect(&self.0, "workload.restart".into());
         Ok(())
+    }
+    async fn oldest_pod(&self, _w: &WorkloadRef) -> Result<Option<jiff::Timestamp>> {
+        Ok(None)
     }
 }
 

@@ -11,6 +11,7 @@ mod environment;
 mod keycloak;
 mod machine;
 mod packaging;
+mod proof;
 mod rotation;
 mod safety;
 mod store_contract;

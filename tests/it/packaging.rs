@@ -465,3 +465,62 @@ async fn leader_election_lets_one_replica_work_and_fails_over() {
     .await;
     assert_eq!(revisions(&client, &ns, "app").await, 3);
 }
+
+/// Issue 10 item 9: a follower judges a lease by what it observes on its own
+/// clock (the record unchanged for the lease duration), never by comparing
+/// its wall clock with the holder's `renewTime`: a holder whose clock runs
+/// two minutes behind still holds its lease while it renews.
+#[tokio::test]
+async fn a_renewing_leader_with_a_skewed_clock_keeps_its_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let (c, client, ns) = common::setup("skew").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let skewed = || MicroTime(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(120));
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "rekey-leader"},
+        "spec": {"holderIdentity": "other-replica", "leaseDurationSeconds": 15,
+                 "acquireTime": skewed(), "renewTime": skewed()}
+    }))
+    .unwrap();
+    leases.create(&Default::default(), &lease).await.unwrap();
+    // The other replica renews every 2 s, stamping its (late) clock.
+    let renewing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let renewer = {
+        let (leases, renewing) = (leases.clone(), renewing.clone());
+        tokio::spawn(async move {
+            while renewing.load(std::sync::atomic::Ordering::SeqCst) {
+                let patch = json!({"spec": {"renewTime": skewed()}});
+                let _ = leases
+                    .patch(
+                        "rekey-leader",
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let args = ["--leader-election-namespace", ns.as_str()];
+    let op = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &args);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        !op.logs().contains("became leader"),
+        "took a lease that its holder kept renewing"
+    );
+    renewing.store(false, std::sync::atomic::Ordering::SeqCst);
+    renewer.await.unwrap();
+    let stopped = std::time::Instant::now();
+    common::wait_for(
+        "takeover after the lease ran out",
+        Duration::from_secs(60),
+        || async { op.logs().contains("became leader") },
+    )
+    .await;
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(12),
+        "took over {:?} after the last renewal, before the lease ran out",
+        stopped.elapsed()
+    );
+}

@@ -274,16 +274,18 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
     let old = common::canary("old");
     let new = common::canary("new");
     scene(c, &client, &ns, &old).await;
-    // A second ExternalSecret that reads another Secret: it is Ready, but it
-    // will never deliver the value rekey writes.
-    put_secret(
-        &client,
-        &ns,
-        "elsewhere",
-        json!({"client_secret": common::canary("other")}),
-    )
-    .await;
+    // A second ExternalSecret that reads another Secret holding the same
+    // value (so Preflight accepts it): it is Ready, but it will never
+    // deliver the value rekey writes.
+    put_secret(&client, &ns, "elsewhere", json!({"client_secret": old})).await;
     external_secret(&client, &ns, "wrong-source", "elsewhere").await;
+    common::wait_for("wrong-source synced", LONG, || async {
+        read_key(&client, &ns, "wrong-source", "client_secret")
+            .await
+            .as_deref()
+            == Some(old.as_str())
+    })
+    .await;
     let (url, log) = webhook_server(client.clone(), ns.clone(), vec![new.clone()]).await;
     let op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(webhook_credential(&url));
@@ -817,7 +819,7 @@ async fn late_proof_warns_about_the_grace_window() {
     let op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["oldValueValidFor"] = json!("1m");
-    spec["proof"]["timeout"] = json!("55s");
+    spec["proof"]["timeout"] = json!("54s");
     create_rotation(&client, &ns, "app-secret", spec).await;
     common::wait_for("GraceWindowAtRisk warning", LONG, || async {
         events(&client, &ns).await.iter().any(|e| {

@@ -53,12 +53,22 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         };
         wal.write(&v.sr, &record).await?;
     }
+    // The old value dies at the smaller of oldValueValidFor and what the
+    // source reports now (e.g. Keycloak's rotated-secret lifetime).
+    let window = match v.source()?.old_value_lifetime().await? {
+        Some(reported) => reported.min(plan.grace_window),
+        None => plan.grace_window,
+    };
     let now = v.now;
     let rot = v.rotation_mut();
     let issued = rot.issued_at.get_or_insert(Time(now)).0;
-    rot.old_value_valid_until = issued
-        .checked_add(jiff::SignedDuration::try_from(plan.grace_window).unwrap_or_default())
-        .ok()
-        .map(Time);
+    let after = |d: std::time::Duration| {
+        jiff::SignedDuration::try_from(d)
+            .ok()
+            .and_then(|d| issued.checked_add(d).ok())
+            .map(Time)
+    };
+    rot.old_value_valid_until = after(window);
+    rot.proof_deadline = after(plan.proof_timeout);
     Ok(Outcome::Done)
 }

@@ -28,14 +28,15 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             "schedule.cron is not a valid cron expression",
         ));
     }
-    if !plan.route.nothing_to_prove && plan.proof_timeout >= plan.grace_window {
-        return Err(Error::permanent(
-            Reason::GraceWindowTooShort,
-            format!(
-                "proof.timeout ({}) must be shorter than oldValueValidFor ({}): a slow proof would outlive the old value",
-                spec.proof.timeout, spec.old_value_valid_for
-            ),
-        ));
+    if !plan.route.nothing_to_prove
+        && let Some(problem) = decide::budget_problem(
+            plan.grace_window,
+            plan.proof_timeout,
+            &v.status.history,
+            spec.proof.ignore_history,
+        )
+    {
+        return Err(Error::permanent(Reason::GraceWindowTooShort, problem));
     }
     if let Some(allowed) = &v.ctx.allowed_hosts {
         for (field, url) in plan.outbound_urls() {
@@ -63,18 +64,20 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     }
     let names: Vec<String> = plan.targets.iter().map(|t| t.name.clone()).collect();
     v.wal().check_writable(&v.sr, &names).await?;
-    let mut current = None;
+    // What each target holds now: the source checks the first, the proof
+    // keys must hold one of them.
+    let mut current = vec![];
     for target in &plan.targets {
         let store = v.store(target).await?;
         store.preflight().await?;
-        if current.is_none() {
-            current = store.read_current().await?;
+        if let Some(value) = store.read_current().await? {
+            current.push(value);
         }
     }
-    v.source()?.preflight(current.as_ref()).await?;
+    v.source()?.preflight(current.first()).await?;
     let eso = v.ctx.providers.sync(&v.namespace);
     for es in &spec.proof.external_secrets {
-        eso.preflight(es).await?;
+        eso.preflight(es, &current).await?;
     }
     let workloads = v.ctx.providers.rollouts(&v.namespace);
     let annotation = restart_annotation(&v.name);

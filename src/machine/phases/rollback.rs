@@ -1,8 +1,12 @@
 //! RollingBack (onFailure: Rollback): restores every target that holds the
-//! new value and waits until no ExternalSecret delivers the new value.
+//! new value, waits until every ExternalSecret delivers a previous value
+//! again, then restarts each workload this rotation restarted onto the new
+//! value (restart: Trigger) and waits for those rollouts.
 
 use super::super::view::View;
-use crate::decide::Outcome;
+use crate::crd::RestartMode;
+use crate::crd::keys::restart_annotation;
+use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::proof::eso::SyncState;
 use crate::reason::Reason;
@@ -35,16 +39,66 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             store.restore(previous, &rot.id).await?;
         }
     }
-    // Proven when no ExternalSecret delivers the new value any more (one
-    // that never received it has nothing to undo).
+    // Proven when every ExternalSecret is Ready with a previous value in its
+    // Secret (with none recorded: any value but the new one). Not Ready is
+    // no proof: its Secret may still hold the new value.
     let eso = v.ctx.providers.sync(&v.namespace);
+    let previous: Vec<_> = record.previous.values().collect();
     let mut waiting = vec![];
     for es in &v.sr.spec.proof.external_secrets {
-        if eso.refresh_and_check(es, &token, &record.new, None).await? == SyncState::Synced {
-            waiting.push(format!(
-                "ExternalSecret {} still delivers the new value",
+        let mut state = eso.refresh_and_check(es, &token, &record.new, None).await?;
+        if let SyncState::ReadyWithOtherValue(_) = state
+            && !previous.is_empty()
+        {
+            state = SyncState::Waiting(format!(
+                "ExternalSecret {} does not deliver a previous value yet",
                 es.name
             ));
+            for p in &previous {
+                if eso.check(es, p).await? == SyncState::Synced {
+                    state = SyncState::ReadyWithOtherValue(String::new());
+                    break;
+                }
+            }
+        }
+        match state {
+            SyncState::ReadyWithOtherValue(_) => {}
+            SyncState::Synced => waiting.push(format!(
+                "ExternalSecret {} still delivers the new value",
+                es.name
+            )),
+            SyncState::Waiting(why) => waiting.push(why),
+        }
+    }
+    // Workloads this rotation restarted onto the new value restart again,
+    // once the Secrets hold the previous value (one stamp: one rollout).
+    // With restart: Await the restarter reacts to the Secret change itself.
+    if waiting.is_empty() && v.sr.spec.proof.restart == RestartMode::Trigger {
+        let workloads = v.ctx.providers.rollouts(&v.namespace);
+        let annotation = restart_annotation(&v.name);
+        for w in &v.sr.spec.proof.workloads {
+            let o = workloads.observe(w, &annotation).await?;
+            match o.stamped.as_deref() {
+                Some(s) if s == rot.id => {
+                    workloads.restart(w, &annotation, &token).await?;
+                    waiting.push(format!(
+                        "{:?} {} restarting onto the previous value",
+                        w.kind, w.name
+                    ));
+                }
+                Some(s) if s == token && !decide::rollout_complete(&o.facts) => {
+                    waiting.push(format!(
+                        "{:?} {} rolling back ({}/{} updated, {} ready, {} available)",
+                        w.kind,
+                        w.name,
+                        o.facts.updated,
+                        o.facts.desired,
+                        o.facts.ready,
+                        o.facts.available
+                    ));
+                }
+                _ => {}
+            }
         }
     }
     if waiting.is_empty() {
@@ -54,7 +108,7 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     if v.phase_timed_out() {
         return Err(Error::permanent(
             Reason::RollbackTimeout,
-            format!("rollback not synced: {}", waiting.join("; ")),
+            format!("rollback not proven: {}", waiting.join("; ")),
         ));
     }
     Ok(Outcome::Waiting(waiting.join("; ")))

@@ -36,6 +36,18 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
                 "{:?} {} rolling out ({}/{} updated, {} ready, {} available)",
                 w.kind, w.name, o.facts.updated, o.facts.desired, o.facts.ready, o.facts.available
             ));
+        } else if mode == RestartMode::Await
+            && !decide::started_after_sync(
+                workloads.oldest_pod(w).await?,
+                rot.new_value_synced_at.as_ref().map(|t| t.0),
+            )
+        {
+            // Restarted, but by a change made before the new value was
+            // synced (an unrelated deploy): its pods read the old value.
+            waiting.push(format!(
+                "{:?} {} restarted before the new value was synced; waiting for a restart after it (restart: Await)",
+                w.kind, w.name
+            ));
         }
     }
     if waiting.is_empty() {

@@ -8,7 +8,6 @@ use super::super::view::View;
 use crate::crd::SyncBaseline;
 use crate::decide::Outcome;
 use crate::error::{Error, Result};
-use crate::proof::eso::SyncState;
 use crate::reason::Reason;
 
 pub async fn step(v: &mut View) -> Result<Outcome> {
@@ -44,15 +43,31 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             .iter()
             .find(|b| b.name == es.name)
             .map(|b| b.synced_resource_version.clone());
-        if let SyncState::Waiting(why) = eso
+        if let Some(why) = eso
             .refresh_and_check(es, &id, &value, before.as_deref())
             .await?
+            .waiting_for()
         {
             waiting.push(why);
         }
     }
     if waiting.is_empty() {
-        v.rotation_mut().synced_at = Some(Time(v.now));
+        // When the consumers' Secrets got the value: ESO's own sync time
+        // (rekey looks only every poll), or rekey's last write.
+        let mut reached = None;
+        for es in &v.sr.spec.proof.external_secrets {
+            reached = reached.max(eso.synced_at(es).await?);
+        }
+        let written = v
+            .rotation()
+            .targets
+            .iter()
+            .filter_map(|t| t.written_at.as_ref().map(|w| w.0))
+            .max();
+        let now = v.now;
+        let rot = v.rotation_mut();
+        rot.new_value_synced_at = Some(Time(reached.or(written).unwrap_or(now)));
+        rot.synced_at = Some(Time(now));
         return Ok(Outcome::Done);
     }
     let waiting = waiting.join("; ");
