@@ -1,8 +1,27 @@
 //! Leader election on a coordination.k8s.io Lease, for running more than one
-//! replica: only the holder reconciles. A leader that cannot renew in time
-//! exits, so two replicas never act at once for longer than a lease.
+//! replica, and the fence that keeps a leader from acting once its lease may
+//! have run out.
+//!
+//! The rules are client-go's: the leader renews every [`RETRY_PERIOD`] and
+//! gives up (the process exits) when it could not renew within
+//! [`RENEW_DEADLINE`], two thirds of [`LEASE_DURATION`]. A candidate never
+//! compares its wall clock with the holder's `renewTime`: it takes the lease
+//! only after it has seen the same record, unchanged, for the lease duration
+//! on its own monotonic clock, so clock skew between nodes cannot make two
+//! leaders. On top of that, the leader's [`Fence`] lets a side effect start
+//! only while the lease outlives the call's timeout, and cuts the call at
+//! that timeout: no call of an old leader is still in flight when a new one
+//! may start.
+//!
+//! Why not a crate: kube-leader-election (0.32, for kube 0.9x) compares
+//! timestamps across nodes and documents itself as "without fencing";
+//! kube-lease-manager tolerates a configured skew but reports leadership as
+//! a boolean, without the remaining lease a fence needs. This module is
+//! small and its decisions are pure functions with unit tests.
 
-use std::time::Duration;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -11,13 +30,96 @@ use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tracing::{info, warn};
 
+use crate::error::{Error, Result};
+use crate::reason::Reason;
+
 const LEASE_NAME: &str = "rekey-leader";
-const LEASE_SECONDS: i32 = 15;
-const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long a renewal holds the lease.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// A leader that could not renew for this long steps down (2/3 of the lease).
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the leader renews and candidates look.
+pub const RETRY_PERIOD: Duration = Duration::from_secs(2);
+/// The longest a fenced side effect may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Whether a candidate may take a lease whose record it has seen unchanged
+/// for `unchanged_for` (its own clock), given the holder's declared duration.
+pub fn may_take(holder: Option<&str>, unchanged_for: Duration, lease_duration: Duration) -> bool {
+    holder.is_none_or(str::is_empty) || unchanged_for >= lease_duration
+}
+
+/// Whether a call that may take `call_timeout` may start with `remaining`
+/// of the lease left.
+pub fn may_act(remaining: Duration, call_timeout: Duration) -> bool {
+    remaining > call_timeout
+}
+
+/// Guards side effects: with leader election, a call starts only while the
+/// lease outlives [`CALL_TIMEOUT`], and is cut at that timeout.
+#[derive(Clone, Default)]
+pub struct Fence {
+    /// None: no leader election (one replica); otherwise until when (this
+    /// process's clock) the lease is surely held.
+    held_until: Option<Arc<Mutex<Option<Instant>>>>,
+}
+
+impl Fence {
+    /// No fence: a single replica (the chart's Recreate strategy).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    fn elected() -> Self {
+        Self {
+            held_until: Some(Arc::new(Mutex::new(None))),
+        }
+    }
+
+    /// Records a renewal that was sent at `sent`.
+    fn renewed(&self, sent: Instant) {
+        if let Some(h) = &self.held_until {
+            *h.lock().unwrap() = Some(sent + LEASE_DURATION);
+        }
+    }
+
+    /// Runs the side effect `call`, if the lease allows it.
+    pub async fn run<T>(&self, what: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let Some(h) = &self.held_until else {
+            return call.await;
+        };
+        let remaining = h
+            .lock()
+            .unwrap()
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        if !may_act(remaining, CALL_TIMEOUT) {
+            return Err(Error::transient(
+                Reason::LeaseNotRenewed,
+                format!(
+                    "not starting {what}: the leader lease has {}s left, less than the call may take",
+                    remaining.as_secs()
+                ),
+            ));
+        }
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::transient(
+                    Reason::LeaseNotRenewed,
+                    format!("{what} did not answer within {}s", CALL_TIMEOUT.as_secs()),
+                ))
+            })
+    }
+}
 
 pub struct LeaderElection {
     api: Api<Lease>,
     identity: String,
+    /// The record last seen (holder, renewTime, resourceVersion) and when
+    /// this process first saw it.
+    observed: Option<(String, Instant)>,
+    fence: Fence,
 }
 
 impl LeaderElection {
@@ -25,12 +127,19 @@ impl LeaderElection {
         Self {
             api: Api::namespaced(client, namespace),
             identity: identity.into(),
+            observed: None,
+            fence: Fence::elected(),
         }
     }
 
+    /// The fence the controller must run its side effects through.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
     /// Tries once to take or renew the lease; true when this replica holds it.
-    async fn try_acquire(&self) -> kube::Result<bool> {
-        let now = Timestamp::now();
+    async fn try_acquire(&mut self) -> kube::Result<bool> {
+        let now = MicroTime(Timestamp::now());
         let Some(mut lease) = self.api.get_opt(LEASE_NAME).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -39,9 +148,9 @@ impl LeaderElection {
                 },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
-                    lease_duration_seconds: Some(LEASE_SECONDS),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
+                    lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
                     lease_transitions: Some(0),
                     ..Default::default()
                 }),
@@ -54,20 +163,33 @@ impl LeaderElection {
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS));
-            now.as_second() > t.0.as_second() + duration
-        });
-        if !mine && !expired {
-            return Ok(false);
-        }
         if !mine {
+            let record = format!(
+                "{:?}/{:?}/{:?}",
+                spec.holder_identity,
+                spec.renew_time.as_ref().map(|t| t.0),
+                lease.metadata.resource_version
+            );
+            let since = match &self.observed {
+                Some((seen, since)) if *seen == record => *since,
+                _ => {
+                    self.observed = Some((record, Instant::now()));
+                    Instant::now()
+                }
+            };
+            let duration = Duration::from_secs(
+                spec.lease_duration_seconds
+                    .map_or(LEASE_DURATION.as_secs(), |s| s.max(1) as u64),
+            );
+            if !may_take(spec.holder_identity.as_deref(), since.elapsed(), duration) {
+                return Ok(false);
+            }
             spec.holder_identity = Some(self.identity.clone());
-            spec.acquire_time = Some(MicroTime(now));
+            spec.acquire_time = Some(now.clone());
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         }
-        spec.renew_time = Some(MicroTime(now));
-        spec.lease_duration_seconds = Some(LEASE_SECONDS);
+        spec.renew_time = Some(now);
+        spec.lease_duration_seconds = Some(LEASE_DURATION.as_secs() as i32);
         // resourceVersion is kept: a concurrent update makes this fail with 409.
         match self
             .api
@@ -81,36 +203,87 @@ impl LeaderElection {
     }
 
     /// Waits until this replica is the leader, then keeps renewing in the
-    /// background; the process exits if the lease is lost.
-    pub async fn acquire_and_hold(self) {
+    /// background; the process exits when it cannot renew in time.
+    pub async fn acquire_and_hold(mut self) {
         loop {
+            let sent = Instant::now();
             match self.try_acquire().await {
-                Ok(true) => break,
+                Ok(true) => {
+                    self.fence.renewed(sent);
+                    break;
+                }
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "leader election failed; retrying"),
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(RETRY_PERIOD).await;
         }
         info!(identity = %self.identity, "became leader");
         tokio::spawn(async move {
-            let mut last_renewed = std::time::Instant::now();
+            let mut last_renewed = Instant::now();
             loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                match self.try_acquire().await {
-                    Ok(true) => last_renewed = std::time::Instant::now(),
-                    Ok(false) => {
+                tokio::time::sleep(RETRY_PERIOD).await;
+                let sent = Instant::now();
+                let left = RENEW_DEADLINE.saturating_sub(last_renewed.elapsed());
+                match tokio::time::timeout(left, self.try_acquire()).await {
+                    Ok(Ok(true)) => {
+                        self.fence.renewed(sent);
+                        last_renewed = sent;
+                    }
+                    Ok(Ok(false)) => {
                         warn!("lost the leader lease; exiting");
                         std::process::exit(1);
                     }
-                    Err(e) => {
-                        warn!(error = %e, "could not renew the leader lease");
-                        if last_renewed.elapsed() > Duration::from_secs(LEASE_SECONDS as u64) {
-                            warn!("leader lease expired; exiting");
-                            std::process::exit(1);
-                        }
-                    }
+                    Ok(Err(e)) => warn!(error = %e, "could not renew the leader lease"),
+                    Err(_) => warn!("renewing the leader lease timed out"),
+                }
+                if last_renewed.elapsed() >= RENEW_DEADLINE {
+                    warn!("could not renew the leader lease within the renew deadline; exiting");
+                    std::process::exit(1);
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candidate_waits_a_full_lease_of_its_own_observation() {
+        let d = LEASE_DURATION;
+        assert!(!may_take(Some("a"), Duration::from_secs(14), d));
+        assert!(may_take(Some("a"), Duration::from_secs(15), d));
+        assert!(may_take(None, Duration::ZERO, d), "nobody holds it");
+        assert!(may_take(Some(""), Duration::ZERO, d), "released");
+    }
+
+    #[test]
+    fn renewing_leaves_a_margin_and_calls_fit_inside_the_lease() {
+        assert!(RENEW_DEADLINE.as_secs_f64() <= LEASE_DURATION.as_secs_f64() * 2.0 / 3.0);
+        // Right after a renewal a call may start; once the renew deadline
+        // passed, none may.
+        assert!(may_act(LEASE_DURATION - RETRY_PERIOD, CALL_TIMEOUT));
+        assert!(!may_act(LEASE_DURATION - RENEW_DEADLINE, CALL_TIMEOUT));
+        assert!(!may_act(CALL_TIMEOUT, CALL_TIMEOUT));
+    }
+
+    #[tokio::test]
+    async fn the_fence_refuses_without_a_fresh_lease_and_cuts_slow_calls() {
+        let fence = Fence::elected();
+        let r = fence.run("write", async { Ok(()) }).await;
+        assert_eq!(
+            r.unwrap_err().reason,
+            Reason::LeaseNotRenewed,
+            "never renewed"
+        );
+        fence.renewed(Instant::now());
+        assert!(fence.run("write", async { Ok(()) }).await.is_ok());
+        fence.renewed(Instant::now() - RENEW_DEADLINE);
+        assert!(
+            fence.run("write", async { Ok(()) }).await.is_err(),
+            "stale lease"
+        );
+        assert!(Fence::none().run("write", async { Ok(()) }).await.is_ok());
     }
 }

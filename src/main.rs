@@ -86,9 +86,10 @@ async fn main() -> anyhow::Result<()> {
             if let Some(ns) = leader_election_namespace {
                 let identity = std::env::var("POD_NAME")
                     .unwrap_or_else(|_| format!("rekey-{:08x}", rand::random::<u32>()));
-                rekey::leader::LeaderElection::new(ctx.client.clone(), &ns, &identity)
-                    .acquire_and_hold()
-                    .await;
+                let election =
+                    rekey::leader::LeaderElection::new(ctx.client.clone(), &ns, &identity);
+                ctx.fence = election.fence();
+                election.acquire_and_hold().await;
             }
             tokio::select! {
                 r = serve => r??,

@@ -91,6 +91,9 @@ reasons! {
     SecretNotFound: Never,
     /// A referenced Secret lacks the key, or it is empty.
     SecretKeyMissing: Never,
+    /// With leader election: a side effect was not started (or was cut)
+    /// because the leader lease could run out before the call ends.
+    LeaseNotRenewed: UntilTimeout,
     /// The Kubernetes API answered with an error (permanent for 400, 403, 404, 422).
     KubernetesApiError: PerError,
     /// Right before invalidation, a store, synced Secret or workload no
@@ -129,6 +132,13 @@ reasons! {
     KeycloakCannotVerify: Never,
     /// The client's rotated-expiration-period is shorter than `oldValueValidFor`.
     KeycloakGraceWindowTooShort: Never,
+    /// The client already has a rotated secret: regenerating would kill it.
+    KeycloakRotatedSlotInUse: Never,
+    /// An earlier regenerate call got no answer and may still commit.
+    KeycloakIssuePending: UntilTimeout,
+    /// Right before invalidation, Keycloak's current secret was not the one
+    /// rekey distributed.
+    KeycloakSecretChanged: Never,
     /// No enabled client policy applies a secret-rotation profile to the client.
     KeycloakRotationPolicyMissing: Never,
     /// The stores do not hold the client's current secret.

@@ -152,6 +152,10 @@ pub struct RotationStatus {
     /// recovers the value instead of issuing a second one. Never a value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issue_marker: Option<String>,
+    /// When the first `issue` call started (recorded before it ran): a retry
+    /// knows an earlier call whose answer was lost may still commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issue_attempted_at: Option<Time>,
     /// When the new value was issued: the identity provider's grace clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<Time>,

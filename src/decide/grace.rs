@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn the_proof_budget_must_fit_the_window_with_a_margin() {
-        let m = |s| Duration::from_secs(s * 60);
+        let m = |s: u64| Duration::from_secs(s * 60);
         assert!(budget_problem(m(30), m(20), &[], false).is_none());
         assert!(budget_problem(m(30), m(27), &[], false).is_none());
         assert!(budget_problem(m(30), m(28), &[], false).is_some());

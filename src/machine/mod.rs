@@ -37,6 +37,7 @@ use tracing::{Instrument, warn};
 use crate::crd::SecretRotation;
 use crate::deps::Deps;
 use crate::error::{Error, Result};
+use crate::leader::Fence;
 use crate::metrics::{Metrics, RotationLabels};
 pub use providers::{Providers, RealProviders};
 
@@ -64,6 +65,9 @@ pub struct Context {
     pub on_status_written: Option<StatusWritten>,
     /// Hosts the spec's URLs may name (exact or `*.suffix`); None: any.
     pub allowed_hosts: Option<Vec<String>>,
+    /// Side effects run through it (with leader election: only while the
+    /// lease outlives the call).
+    pub fence: Fence,
     /// resourceVersion of the last status rekey wrote per object, to skip
     /// reconciles on a cache that has not caught up with that write yet.
     written: Arc<Mutex<HashMap<(String, String), u64>>>,
@@ -106,6 +110,7 @@ impl Context {
             clock,
             on_status_written: None,
             allowed_hosts: None,
+            fence: Fence::none(),
             written: Arc::default(),
             swept: Arc::default(),
         }

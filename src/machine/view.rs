@@ -123,6 +123,15 @@ impl View {
             .await
     }
 
+    /// Runs a side effect through the leader fence.
+    pub async fn act<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.ctx.fence.run(what, call).await
+    }
+
     pub fn wal(&self) -> Wal {
         Wal::new(self.ctx.client.clone(), &self.sr)
     }

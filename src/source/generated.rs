@@ -31,7 +31,12 @@ impl CredentialSource for Generated {
 
     // Idempotency comes from the controller's write-ahead record: the value is
     // stored there before any target sees it, and read back on a retry.
-    async fn issue(&self, _rotation_id: &str, _marker: &str) -> Result<SecretValue> {
+    async fn issue(
+        &self,
+        _rotation_id: &str,
+        _marker: &str,
+        _earlier_attempt: Option<jiff::Timestamp>,
+    ) -> Result<SecretValue> {
         Ok(SecretValue::generate(self.length, self.alphabet))
     }
 
@@ -39,6 +44,7 @@ impl CredentialSource for Generated {
         &self,
         _rotation_id: &str,
         _annotations: &BTreeMap<String, String>,
+        _distributed: &SecretValue,
     ) -> Result<Invalidation> {
         Ok(Invalidation::Done)
     }

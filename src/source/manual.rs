@@ -51,7 +51,12 @@ impl CredentialSource for Manual {
         Ok(())
     }
 
-    async fn issue(&self, _rotation_id: &str, _marker: &str) -> Result<SecretValue> {
+    async fn issue(
+        &self,
+        _rotation_id: &str,
+        _marker: &str,
+        _earlier_attempt: Option<jiff::Timestamp>,
+    ) -> Result<SecretValue> {
         self.deps
             .secret_key(&self.namespace, &self.name, &self.key)
             .await
@@ -61,6 +66,7 @@ impl CredentialSource for Manual {
         &self,
         rotation_id: &str,
         annotations: &BTreeMap<String, String>,
+        _distributed: &SecretValue,
     ) -> Result<Invalidation> {
         if annotations.get(CONFIRM_ANNOTATION).map(String::as_str) == Some(rotation_id) {
             Ok(Invalidation::Done)

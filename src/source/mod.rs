@@ -8,6 +8,7 @@ pub mod webhook;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use jiff::Timestamp;
 
 use crate::deps::Deps;
 use crate::error::Result;
@@ -48,8 +49,15 @@ pub trait CredentialSource: Send + Sync {
     async fn prepare_issue(&self) -> Result<String> {
         Ok(String::new())
     }
-    /// Obtains the new value.
-    async fn issue(&self, rotation_id: &str, marker: &str) -> Result<SecretValue>;
+    /// Obtains the new value. `earlier_attempt`: when an earlier `issue` call
+    /// of this rotation started (recorded in status before it ran), whose
+    /// answer was lost; None on the first attempt.
+    async fn issue(
+        &self,
+        rotation_id: &str,
+        marker: &str,
+        earlier_attempt: Option<Timestamp>,
+    ) -> Result<SecretValue>;
     /// Whether the identity provider expires the old value on its own timer
     /// (then writing it back on failure would only postpone an outage).
     fn old_value_expires(&self) -> bool {
@@ -64,11 +72,13 @@ pub trait CredentialSource: Send + Sync {
     async fn verify(&self, _value: &SecretValue) -> Result<()> {
         Ok(())
     }
-    /// Invalidates the old value.
+    /// Invalidates the old value. `distributed` is the new value the stores
+    /// hold (a source may check that it is still the live one).
     async fn invalidate(
         &self,
         rotation_id: &str,
         annotations: &BTreeMap<String, String>,
+        distributed: &SecretValue,
     ) -> Result<Invalidation>;
 }
 

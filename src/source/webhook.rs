@@ -94,7 +94,12 @@ impl CredentialSource for Webhook {
         Ok(())
     }
 
-    async fn issue(&self, rotation_id: &str, _marker: &str) -> Result<SecretValue> {
+    async fn issue(
+        &self,
+        rotation_id: &str,
+        _marker: &str,
+        _earlier_attempt: Option<jiff::Timestamp>,
+    ) -> Result<SecretValue> {
         let resp = self
             .post(&self.spec.issue_url, "issue", rotation_id)
             .await?;
@@ -117,6 +122,7 @@ impl CredentialSource for Webhook {
         &self,
         rotation_id: &str,
         _annotations: &BTreeMap<String, String>,
+        _distributed: &SecretValue,
     ) -> Result<Invalidation> {
         self.post(&self.spec.invalidate_url, "invalidate", rotation_id)
             .await?;

@@ -209,8 +209,11 @@ async fn a_retried_issue_reads_the_secret_back_instead_of_regenerating() {
     let source = rekey::source::keycloak::Keycloak::new(&spec, &ctx, &ns, "30m");
     source.preflight(None).await.unwrap();
     let marker = source.prepare_issue().await.unwrap();
-    let first = source.issue("rot-1", &marker).await.unwrap();
-    let again = source.issue("rot-1", &marker).await.unwrap();
+    let first = source.issue("rot-1", &marker, None).await.unwrap();
+    let again = source
+        .issue("rot-1", &marker, Some(jiff::Timestamp::now()))
+        .await
+        .unwrap();
     assert!(first.same_as(&again), "the retry returns the same secret");
     let rotated = kc
         .admin(
@@ -228,13 +231,203 @@ async fn a_retried_issue_reads_the_secret_back_instead_of_regenerating() {
     source.verify(&first).await.unwrap();
     // Invalidation is idempotent.
     source
-        .invalidate("rot-1", &Default::default())
+        .invalidate("rot-1", &Default::default(), &first)
         .await
         .unwrap();
     source
-        .invalidate("rot-1", &Default::default())
+        .invalidate("rot-1", &Default::default(), &first)
         .await
         .unwrap();
     assert!(!kc.token_ok(&realm, "ai-component", &old).await);
     assert!(kc.token_ok(&realm, "ai-component", first.expose()).await);
+}
+
+/// A Keycloak source for `realm`'s client `ai-component`, at `url`.
+async fn keycloak_source(
+    client: &kube::Client,
+    ns: &str,
+    url: &str,
+    realm: &str,
+) -> rekey::source::keycloak::Keycloak {
+    let deps = rekey::deps::Deps::new(client.clone(), rekey::metrics::Metrics::new());
+    let spec = KeycloakSource {
+        url: url.into(),
+        realm: realm.into(),
+        client_id: "ai-component".into(),
+        admin_secret_ref: LocalSecretRef {
+            name: "keycloak-admin".into(),
+        },
+        admin_realm: None,
+        allow_immediate_invalidation: false,
+    };
+    rekey::source::keycloak::Keycloak::new(&spec, &deps, ns, "30m")
+}
+
+async fn regenerate_by_hand(
+    kc: &common::keycloak::KeycloakServer,
+    realm: &str,
+    id: &str,
+) -> String {
+    let s = kc
+        .admin(
+            reqwest::Method::POST,
+            &format!("/{realm}/clients/{id}/client-secret"),
+            None,
+        )
+        .await;
+    s["value"].as_str().unwrap().to_string()
+}
+
+/// Issue 10 item 10: while the rotated slot holds a secret (someone else's
+/// rotation that has not ended), regenerating would kill it at once: rekey
+/// refuses, at Preflight and at the issue call.
+#[tokio::test]
+async fn a_rotated_slot_in_use_is_never_overwritten() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kcslot").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (id, old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    admin_secret(&client, &ns, kc).await;
+    let source = keycloak_source(&client, &ns, &kc.url, &realm).await;
+    // Someone rotates by hand: `old` now lives in the rotated slot.
+    let theirs = regenerate_by_hand(kc, &realm, &id).await;
+    let refused = source.preflight(None).await.unwrap_err();
+    assert_eq!(
+        refused.reason,
+        rekey::reason::Reason::KeycloakRotatedSlotInUse
+    );
+    let marker = source.prepare_issue().await.unwrap();
+    let refused = source.issue("rot-1", &marker, None).await.unwrap_err();
+    assert_eq!(
+        refused.reason,
+        rekey::reason::Reason::KeycloakRotatedSlotInUse
+    );
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "their old secret still works"
+    );
+    assert!(kc.token_ok(&realm, "ai-component", &theirs).await);
+}
+
+/// Issue 10 item 10: invalidation deletes the rotated slot only while
+/// Keycloak's current secret is the one rekey distributed.
+#[tokio::test]
+async fn invalidation_spares_the_slot_when_the_secret_changed_since() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kcchanged").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (id, _old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    admin_secret(&client, &ns, kc).await;
+    let source = keycloak_source(&client, &ns, &kc.url, &realm).await;
+    let marker = source.prepare_issue().await.unwrap();
+    let distributed = source.issue("rot-1", &marker, None).await.unwrap();
+    // Someone regenerates after rekey distributed its value: the rotated
+    // slot now holds the value every store holds.
+    regenerate_by_hand(kc, &realm, &id).await;
+    let refused = source
+        .invalidate("rot-1", &Default::default(), &distributed)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason, rekey::reason::Reason::KeycloakSecretChanged);
+    assert!(
+        kc.token_ok(&realm, "ai-component", distributed.expose())
+            .await,
+        "the value the stores hold still works"
+    );
+}
+
+/// A proxy to Keycloak that loses the answer of the first regenerate call
+/// and forwards that call only `delay` later: a call that commits late.
+async fn late_committing_proxy(upstream: String, delay: Duration) -> String {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let delayed = Arc::new(AtomicBool::new(false));
+    let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let upstream = upstream.clone();
+        let delayed = delayed.clone();
+        async move {
+            let send = {
+                let url = format!("{upstream}{}", uri.path_and_query().unwrap());
+                let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
+                let mut req = reqwest::Client::new()
+                    .request(method.clone(), url)
+                    .body(body);
+                for (k, v) in headers.iter().filter(|(k, _)| *k != "host") {
+                    req = req.header(k.as_str(), v.as_bytes());
+                }
+                req
+            };
+            let regenerate = method == Method::POST && uri.path().ends_with("/client-secret");
+            if regenerate && !delayed.swap(true, Ordering::SeqCst) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    send.send().await.unwrap();
+                });
+                return (StatusCode::GATEWAY_TIMEOUT, HeaderMap::new(), Bytes::new());
+            }
+            let resp = send.send().await.unwrap();
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            let mut out = HeaderMap::new();
+            if let Some(ct) = resp.headers().get("content-type") {
+                out.insert("content-type", ct.to_str().unwrap().parse().unwrap());
+            }
+            (status, out, resp.bytes().await.unwrap())
+        }
+    };
+    let app = axum::Router::new().fallback(forward);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// Issue 10 item 10: a regenerate call whose answer was lost may commit
+/// late; regenerating again before it did would push the first new secret
+/// into the rotated slot and kill the old one at once. rekey waits, then
+/// reads the late secret back.
+#[tokio::test]
+async fn a_regenerate_that_commits_late_is_never_followed_by_a_second() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kclate").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (_, old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    admin_secret(&client, &ns, kc).await;
+    let proxy = late_committing_proxy(kc.url.clone(), Duration::from_secs(3)).await;
+    let source = keycloak_source(&client, &ns, &proxy, &realm).await;
+    let marker = source.prepare_issue().await.unwrap();
+    let attempted = jiff::Timestamp::now();
+    assert!(
+        source.issue("rot-1", &marker, None).await.is_err(),
+        "answer lost"
+    );
+    let retry = source.issue("rot-1", &marker, Some(attempted)).await;
+    assert_eq!(
+        retry.map(|_| ()).unwrap_err().reason,
+        rekey::reason::Reason::KeycloakIssuePending
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let new = source
+        .issue("rot-1", &marker, Some(attempted))
+        .await
+        .unwrap();
+    assert_ne!(new.expose(), old);
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "the old secret survived"
+    );
+    assert!(kc.token_ok(&realm, "ai-component", new.expose()).await);
 }

@@ -119,7 +119,12 @@ impl CredentialSource for FakeSource {
     async fn preflight(&self, _current: Option<&SecretValue>) -> Result<()> {
         Ok(())
     }
-    async fn issue(&self, rotation_id: &str, _marker: &str) -> Result<SecretValue> {
+    async fn issue(
+        &self,
+        rotation_id: &str,
+        _marker: &str,
+        _earlier_attempt: Option<jiff::Timestamp>,
+    ) -> Result<SecretValue> {
         let existing = {
             let w = self.0.lock().unwrap();
             w.issued
@@ -153,6 +158,7 @@ impl CredentialSource for FakeSource {
         &self,
         rotation_id: &str,
         _annotations: &BTreeMap<String, String>,
+        _distributed: &SecretValue,
     ) -> Result<Invalidation> {
         {
             let mut w = self.0.lock().unwrap();

@@ -28,6 +28,31 @@ async fn point_external_secret(client: &Client, ns: &str, es: &str, source: &str
         .unwrap();
 }
 
+/// Points ExternalSecret `es` at a Secret that does not exist and waits
+/// until ESO reports it not Ready: from then on it syncs nothing.
+async fn break_external_secret(client: &Client, ns: &str, es: &str) {
+    point_external_secret(client, ns, es, "nowhere").await;
+    let api =
+        Api::<DynamicObject>::namespaced_with(client.clone(), ns, &es_resource("ExternalSecret"));
+    common::wait_for("ESO to see the broken ExternalSecret", LONG, || async {
+        let o = api.get(es).await.unwrap();
+        let generation = o.metadata.generation;
+        let ready_false = o
+            .data
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "False")
+            });
+        ready_false
+            && o.data
+                .pointer("/status/observedGeneration")
+                .is_none_or(|g| g.as_i64() == generation)
+    })
+    .await;
+}
+
 async fn patch_template(client: &Client, ns: &str, name: &str, annotation: &str) {
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {annotation: "now"}}}}});
     Api::<Deployment>::namespaced(client.clone(), ns)
@@ -56,7 +81,7 @@ async fn await_mode_ignores_a_restart_made_before_the_sync() {
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
     // ESO cannot sync until the test points it back at `source`.
-    point_external_secret(&client, &ns, "app-creds", "nowhere").await;
+    break_external_secret(&client, &ns, "app-creds").await;
     let op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["proof"]["restart"] = json!("Await");
@@ -203,7 +228,7 @@ async fn rollback_waits_until_the_synced_secret_holds_the_old_value() {
             && read_key(&client, &ns, "app-creds", "client_secret").await == written
     })
     .await;
-    point_external_secret(&client, &ns, "app-creds", "nowhere").await;
+    break_external_secret(&client, &ns, "app-creds").await;
     wait_phase(&client, &ns, "app-secret", Phase::RollingBack, LONG).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -341,7 +366,7 @@ async fn one_deadline_covers_sync_and_rollout_together() {
     let (c, client, ns) = common::setup("deadline").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
-    point_external_secret(&client, &ns, "app-creds", "nowhere").await;
+    break_external_secret(&client, &ns, "app-creds").await;
     block_new_pods(&client, &ns, 2).await;
     let _op = Operator::start(REKEY, c, &ns);
     let mut spec = rotation_spec(json!({"generated": {}}));
@@ -376,6 +401,9 @@ async fn one_deadline_covers_sync_and_rollout_together() {
         "{}",
         f.message
     );
+    // While it ran, the Rotating condition said how much time was left.
+    assert!(rotating.contains("proof deadline"), "{rotating}");
+    assert!(rotating.contains("old value valid until"), "{rotating}");
 
     // A timeout that leaves no margin inside the grace window is refused.
     let mut tight = rotation_spec(json!({"generated": {}}));

@@ -33,9 +33,13 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         v.rotation_mut().invalidation_started = true;
         v.write_status().await?;
     }
+    let source = v.source()?;
+    let distributed = v.new_value().await?;
     let outcome = v
-        .source()?
-        .invalidate(&id, v.annotations())
+        .act(
+            "invalidate",
+            source.invalidate(&id, v.annotations(), &distributed),
+        )
         .await
         .map_err(|e| Error {
             reason: Reason::InvalidationFailed,

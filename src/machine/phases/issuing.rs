@@ -39,7 +39,16 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             v.write_status().await?;
         }
         let marker = v.rotation().issue_marker.clone().unwrap_or_default();
-        let new = source.issue(&id, &marker).await?;
+        let earlier_attempt = v.rotation().issue_attempted_at.as_ref().map(|t| t.0);
+        if earlier_attempt.is_none() {
+            // Recorded before the call: a retry knows this call may commit late.
+            let now = v.now;
+            v.rotation_mut().issue_attempted_at = Some(Time(now));
+            v.write_status().await?;
+        }
+        let new = v
+            .act("issue", source.issue(&id, &marker, earlier_attempt))
+            .await?;
         if previous.values().any(|p| p.same_as(&new)) {
             return Err(Error::permanent(
                 Reason::NewValueNotNew,
@@ -51,7 +60,8 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             new,
             previous,
         };
-        wal.write(&v.sr, &record).await?;
+        v.act("write-ahead record", wal.write(&v.sr, &record))
+            .await?;
     }
     // The old value dies at the smaller of oldValueValidFor and what the
     // source reports now (e.g. Keycloak's rotated-secret lifetime).

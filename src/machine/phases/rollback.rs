@@ -36,7 +36,7 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             .await?
             .is_some_and(|c| c.same_as(&record.new))
         {
-            store.restore(previous, &rot.id).await?;
+            v.act("restore", store.restore(previous, &rot.id)).await?;
         }
     }
     // Proven when every ExternalSecret is Ready with a previous value in its
@@ -46,7 +46,12 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let previous: Vec<_> = record.previous.values().collect();
     let mut waiting = vec![];
     for es in &v.sr.spec.proof.external_secrets {
-        let mut state = eso.refresh_and_check(es, &token, &record.new, None).await?;
+        let mut state = v
+            .act(
+                "refresh request",
+                eso.refresh_and_check(es, &token, &record.new, None),
+            )
+            .await?;
         if let SyncState::ReadyWithOtherValue(_) = state
             && !previous.is_empty()
         {
@@ -80,7 +85,8 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             let o = workloads.observe(w, &annotation).await?;
             match o.stamped.as_deref() {
                 Some(s) if s == rot.id => {
-                    workloads.restart(w, &annotation, &token).await?;
+                    v.act("restart", workloads.restart(w, &annotation, &token))
+                        .await?;
                     waiting.push(format!(
                         "{:?} {} restarting onto the previous value",
                         w.kind, w.name

@@ -22,7 +22,8 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             decide::on_rotation_template(mode, &rot, w, o.stamped.as_deref(), &o.template);
         if !restarted && mode == RestartMode::Trigger {
             // One stamp per rotation: exactly one rollout.
-            workloads.restart(w, &annotation, &rot.id).await?;
+            v.act("restart", workloads.restart(w, &annotation, &rot.id))
+                .await?;
             waiting.push(format!("{:?} {} restarting", w.kind, w.name));
             continue;
         }

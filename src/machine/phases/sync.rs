@@ -43,8 +43,11 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             .iter()
             .find(|b| b.name == es.name)
             .map(|b| b.synced_resource_version.clone());
-        if let Some(why) = eso
-            .refresh_and_check(es, &id, &value, before.as_deref())
+        if let Some(why) = v
+            .act(
+                "refresh request",
+                eso.refresh_and_check(es, &id, &value, before.as_deref()),
+            )
             .await?
             .waiting_for()
         {

@@ -25,10 +25,13 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             });
             v.write_status().await?;
         }
-        let version = store.write(&value, &id).await.map_err(|e| Error {
-            message: format!("target {}: {}", target.name, e.message),
-            ..e
-        })?;
+        let version = v
+            .act("write", store.write(&value, &id))
+            .await
+            .map_err(|e| Error {
+                message: format!("target {}: {}", target.name, e.message),
+                ..e
+            })?;
         let now = v.now;
         let rot = v.rotation_mut();
         rot.targets.retain(|t| t.name != target.name);
