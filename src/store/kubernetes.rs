@@ -109,10 +109,27 @@ impl Store for KubernetesSecretStore {
             .get_opt(&self.name)
             .await
             .map_err(|e| Error::kube("read target Secret", e))?;
-        match self.refusal(existing.as_ref()) {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = self.refusal(existing.as_ref()) {
+            return Err(e);
         }
+        // A dry-run apply answers what the write will meet, before anything
+        // is issued: RBAC, an admission policy, a quota.
+        let probe = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.api
+            .patch(
+                &self.name,
+                &PatchParams::apply(&self.manager).dry_run(),
+                &Patch::Apply(&probe),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::kube("dry-run write of target Secret", e))
     }
 }
 

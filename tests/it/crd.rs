@@ -187,6 +187,38 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
         },
         "exactly one store kind",
     );
+    // Issue 10 item 13: names that can never resolve are refused at
+    // admission, not found in Preflight (or in Writing, after issuing).
+    case(
+        "bad-workload-name",
+        &|v| v["proof"]["workloads"] = json!([{"kind": "Deployment", "name": "My_App"}]),
+        "spec.proof.workloads[0].name",
+    );
+    case(
+        "bad-external-secret-name",
+        &|v| v["proof"]["externalSecrets"] = json!([{"name": "app creds", "key": "k"}]),
+        "spec.proof.externalSecrets[0].name",
+    );
+    case(
+        "bad-proof-key",
+        &|v| v["proof"]["externalSecrets"] = json!([{"name": "app-creds", "key": "a/b"}]),
+        "spec.proof.externalSecrets[0].key",
+    );
+    case(
+        "bad-target-secret-name",
+        &|v| v["targets"][0]["kubernetesSecret"]["name"] = json!("Source"),
+        "spec.targets[0].kubernetesSecret.name",
+    );
+    case(
+        "bad-target-namespace",
+        &|v| v["targets"][0]["kubernetesSecret"]["namespace"] = json!("team.a"),
+        "spec.targets[0].kubernetesSecret.namespace",
+    );
+    case(
+        "bad-target-key",
+        &|v| v["targets"][0]["kubernetesSecret"]["key"] = json!("client secret"),
+        "spec.targets[0].kubernetesSecret.key",
+    );
     assert!(cases.len() >= 10);
     for (name, spec, want) in cases {
         let err = create(&api, name, spec)

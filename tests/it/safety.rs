@@ -441,6 +441,107 @@ async fn a_refused_write_ahead_record_is_found_before_issuing() {
     );
 }
 
+/// Issue 10 item 13: a target write that the API server would refuse (here
+/// a ValidatingAdmissionPolicy that freezes the Secret) is found by a
+/// dry-run write at Preflight, before the source issues a value.
+#[tokio::test]
+async fn a_target_write_that_admission_refuses_is_found_before_issuing() {
+    let (c, client, ns) = common::setup("target-refused").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    let policy = format!("freeze-source-{ns}");
+    let dynamic = |kind: &str, plural: &str| {
+        Api::<kube::api::DynamicObject>::all_with(
+            client.clone(),
+            &kube::api::ApiResource {
+                group: "admissionregistration.k8s.io".into(),
+                version: "v1".into(),
+                api_version: "admissionregistration.k8s.io/v1".into(),
+                kind: kind.into(),
+                plural: plural.into(),
+            },
+        )
+    };
+    let vap: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": policy},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["secrets"]}]},
+            "validations": [{"expression": "object.metadata.name != 'source'", "message": "source is frozen"}]
+        }
+    }))
+    .unwrap();
+    dynamic("ValidatingAdmissionPolicy", "validatingadmissionpolicies")
+        .create(&Default::default(), &vap)
+        .await
+        .unwrap();
+    let binding: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy},
+        "spec": {"policyName": policy, "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}
+    }))
+    .unwrap();
+    dynamic(
+        "ValidatingAdmissionPolicyBinding",
+        "validatingadmissionpolicybindings",
+    )
+    .create(&Default::default(), &binding)
+    .await
+    .unwrap();
+    // Admission policies take effect once the API server has loaded them.
+    common::wait_for("the policy to deny", LONG, || async {
+        let probe: Secret =
+            serde_json::from_value(json!({"metadata": {"name": "source"}})).unwrap();
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .patch(
+                "source",
+                &kube::api::PatchParams::apply("probe").dry_run(),
+                &kube::api::Patch::Apply(&probe),
+            )
+            .await
+            .is_err()
+    })
+    .await;
+    let (url, issued) = counting_webhook().await;
+    let _op = Operator::start(REKEY, c, &ns);
+    create_rotation(
+        &client,
+        &ns,
+        "app-secret",
+        rotation_spec(webhook_credential(&url)),
+    )
+    .await;
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
+    for (kind, plural) in [
+        (
+            "ValidatingAdmissionPolicyBinding",
+            "validatingadmissionpolicybindings",
+        ),
+        ("ValidatingAdmissionPolicy", "validatingadmissionpolicies"),
+    ] {
+        dynamic(kind, plural)
+            .delete(&policy, &Default::default())
+            .await
+            .unwrap();
+    }
+    let f = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(f.phase, Phase::Preflight, "{f:?}");
+    assert_eq!(
+        issued.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was issued"
+    );
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret")
+            .await
+            .as_deref(),
+        Some(old.as_str())
+    );
+}
+
 /// A webhook that answers every call with a fixed value and counts calls.
 async fn counting_webhook() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
