@@ -39,6 +39,15 @@ enum Command {
         /// matches subdomains. Empty: any host.
         #[arg(long, env = "REKEY_ALLOWED_HOSTS", value_delimiter = ',')]
         allowed_hosts: Vec<String>,
+        /// Rotations that may start at once (then --starts-per-minute).
+        #[arg(long, env = "REKEY_START_BURST", default_value_t = 20)]
+        start_burst: u32,
+        /// Rotations that may start per minute after the burst; 0: no limit.
+        #[arg(long, env = "REKEY_STARTS_PER_MINUTE", default_value_t = 60)]
+        starts_per_minute: u32,
+        /// Reconciles that may run at once (per watched namespace).
+        #[arg(long, env = "REKEY_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+        max_concurrent_reconciles: u16,
         /// Enable leader election on a Lease in this namespace (for replicas > 1).
         #[arg(long, env = "REKEY_LEADER_ELECTION_NAMESPACE")]
         leader_election_namespace: Option<String>,
@@ -66,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
             log_format,
             leader_election_namespace,
             allowed_hosts,
+            start_burst,
+            starts_per_minute,
+            max_concurrent_reconciles,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -81,6 +93,10 @@ async fn main() -> anyhow::Result<()> {
             let metrics = rekey::metrics::Metrics::new();
             let mut ctx = rekey::machine::Context::new(client, metrics.clone(), poll);
             ctx.allowed_hosts = (!allowed_hosts.is_empty()).then_some(allowed_hosts);
+            ctx.start_rate = (starts_per_minute > 0).then_some(rekey::decide::StartRate {
+                burst: start_burst.max(1),
+                per_minute: starts_per_minute,
+            });
             tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
             let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics));
             if let Some(ns) = leader_election_namespace {
@@ -93,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
             }
             tokio::select! {
                 r = serve => r??,
-                _ = rekey::machine::run(ctx, namespaces) => {},
+                _ = rekey::machine::run(ctx, namespaces, max_concurrent_reconciles.max(1)) => {},
             }
         }
     }

@@ -85,11 +85,21 @@ pub struct SecretRotationSpec {
     pub schedule: Option<Schedule>,
 
     /// Any change of this string requests a rotation (GitOps: commit a new
-    /// change-request number here). The first value does not trigger one by
-    /// itself; creating the resource does.
+    /// change-request number here), including a change back to an earlier
+    /// value (a Git revert rotates again). The first value does not trigger
+    /// one by itself; creating the resource does, unless `rotateOnCreate` is
+    /// false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub trigger: Option<String>,
+
+    /// Whether creating this SecretRotation starts a rotation (default
+    /// true). Set it to false where objects are recreated without their
+    /// status (a disaster-recovery restore, a reinstall): the object then
+    /// only records its trigger and waits for the next request (a trigger
+    /// change, the annotation, or its schedule, counted from creation).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub rotate_on_create: bool,
 
     /// An optional approval gate. When `required`, every rotation waits in
     /// phase `AwaitingApproval` until someone sets the annotation
@@ -430,6 +440,14 @@ pub struct Proof {
     pub nothing_to_prove: bool,
 }
 
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 fn default_proof_timeout() -> String {
     "20m".into()
 }
@@ -524,6 +542,15 @@ pub struct Schedule {
     #[x_kube(validation = Rule::new("self.split(' ').filter(f, f != '').all(f, f.matches('^([*]|[?]|[0-9]+|[A-Za-z]{3})([-/,#]([*]|[0-9]+|[A-Za-z]{3}))*[LW]?$'))")
         .message("schedule.cron fields may hold only numbers, *, ?, ranges (-), steps (/), lists (,) and three-letter month or day names"))]
     pub cron: Option<String>,
+    /// Spread scheduled rotations: each SecretRotation's rotation is due a
+    /// stable offset between 0 and this duration (derived from its uid)
+    /// later, so that many objects with one schedule do not all start at
+    /// once. At most 24h, e.g. `30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('0s') && duration(self) <= duration('24h')")
+        .message("schedule.jitter must be a duration between 0s and 24h, e.g. 30m"))]
+    pub jitter: Option<String>,
 }
 
 /// Approval gate.

@@ -4,6 +4,7 @@
 //! The machine (`crate::machine`) applies what these functions compute.
 
 pub mod grace;
+pub mod herd;
 pub mod request;
 pub mod rollout;
 pub mod summary;
@@ -12,6 +13,7 @@ pub mod transition;
 pub use grace::{
     Grace, budget_problem, grace, grace_left, safety_margin, timed_out, under_proof_deadline,
 };
+pub use herd::{StartBucket, StartRate, jitter_for};
 pub use request::{Request, Served, cron_is_valid, next_cron, next_rotation_at, rotation_request};
 pub use rollout::{RolloutFacts, on_rotation_template, rollout_complete, started_after_sync};
 pub use transition::{

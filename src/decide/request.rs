@@ -38,6 +38,9 @@ pub struct Served<'a> {
     pub trigger: Option<&'a str>,
     pub rotate_request: Option<&'a str>,
     pub ever_rotated: bool,
+    /// rekey has written this object's status before (it recorded the
+    /// trigger and annotation it found).
+    pub known: bool,
     pub next_rotation_at: Option<Timestamp>,
 }
 
@@ -47,6 +50,7 @@ impl<'a> Served<'a> {
             trigger: status.observed_trigger.as_deref(),
             rotate_request: status.observed_rotate_request.as_deref(),
             ever_rotated: status.last_rotation.is_some(),
+            known: status.observed_generation.is_some(),
             next_rotation_at: status.next_rotation_at.as_ref().map(|t| t.0),
         }
     }
@@ -61,7 +65,13 @@ pub fn rotation_request(
     now: Timestamp,
 ) -> Option<Request> {
     if !served.ever_rotated {
-        return Some(Request::Created);
+        if spec.rotate_on_create {
+            return Some(Request::Created);
+        }
+        if !served.known {
+            // rotateOnCreate: false; the first look records what it found.
+            return None;
+        }
     }
     if spec.trigger.as_deref() != served.trigger {
         return Some(Request::TriggerChanged);
@@ -81,16 +91,26 @@ pub fn rotation_request(
 }
 
 /// When the schedule requests the next rotation after one finished at `after`.
-pub fn next_rotation_at(schedule: Option<&Schedule>, after: Timestamp) -> Option<Timestamp> {
+pub fn next_rotation_at(
+    schedule: Option<&Schedule>,
+    after: Timestamp,
+    seed: &str,
+) -> Option<Timestamp> {
     let schedule = schedule?;
-    if let Some(every) = schedule.every.as_deref() {
-        let d = duration::parse(every)?;
-        return after
-            .checked_add(jiff::SignedDuration::try_from(d).ok()?)
-            .ok();
-    }
-    let cron = schedule.cron.as_deref()?;
-    next_cron(cron, after)
+    let due = match schedule.every.as_deref() {
+        Some(every) => after
+            .checked_add(jiff::SignedDuration::try_from(duration::parse(every)?).ok()?)
+            .ok()?,
+        None => next_cron(schedule.cron.as_deref()?, after)?,
+    };
+    let jitter = schedule
+        .jitter
+        .as_deref()
+        .and_then(duration::parse)
+        .map(|j| super::herd::jitter_for(seed, j))
+        .unwrap_or_default();
+    due.checked_add(jiff::SignedDuration::try_from(jitter).ok()?)
+        .ok()
 }
 
 /// The first time strictly after `after` matching a five-field cron expression (UTC).
@@ -148,6 +168,7 @@ mod tests {
             trigger,
             rotate_request: ann,
             ever_rotated: true,
+            known: true,
             next_rotation_at: next.map(ts),
         }
     }
@@ -158,6 +179,7 @@ mod tests {
             trigger: None,
             rotate_request: None,
             ever_rotated: false,
+            known: false,
             next_rotation_at: None,
         };
         let now = ts("2026-01-01T00:00:00Z");
@@ -168,6 +190,34 @@ mod tests {
         assert_eq!(
             rotation_request(&spec(), &served(None, None, None), &BTreeMap::new(), now),
             None
+        );
+    }
+
+    #[test]
+    fn without_rotate_on_create_creation_alone_does_not_rotate() {
+        let mut s = spec();
+        s.rotate_on_create = false;
+        s.trigger = Some("CHG1".into());
+        let now = ts("2026-01-01T00:00:00Z");
+        let fresh = Served {
+            trigger: None,
+            rotate_request: None,
+            ever_rotated: false,
+            known: false,
+            next_rotation_at: None,
+        };
+        assert_eq!(rotation_request(&s, &fresh, &BTreeMap::new(), now), None);
+        // Once the first look recorded the trigger, a change still rotates.
+        let recorded = Served {
+            trigger: Some("CHG1"),
+            known: true,
+            ..fresh
+        };
+        assert_eq!(rotation_request(&s, &recorded, &BTreeMap::new(), now), None);
+        s.trigger = Some("CHG2".into());
+        assert_eq!(
+            rotation_request(&s, &recorded, &BTreeMap::new(), now),
+            Some(Request::TriggerChanged)
         );
     }
 
@@ -207,6 +257,7 @@ mod tests {
         s.schedule = Some(Schedule {
             every: Some("1h".into()),
             cron: None,
+            jitter: None,
         });
         let due = served(None, None, Some("2026-01-01T01:00:00Z"));
         assert_eq!(
@@ -230,25 +281,41 @@ mod tests {
         let every = Schedule {
             every: Some("2160h".into()),
             cron: None,
+            jitter: None,
         };
         assert_eq!(
-            next_rotation_at(Some(&every), ts("2026-01-01T00:00:00Z")),
+            next_rotation_at(Some(&every), ts("2026-01-01T00:00:00Z"), "uid"),
             Some(ts("2026-04-01T00:00:00Z"))
         );
         let cron = Schedule {
             every: None,
             cron: Some("0 3 1 * *".into()),
+            jitter: None,
         };
         assert_eq!(
-            next_rotation_at(Some(&cron), ts("2026-01-15T10:00:00Z")),
+            next_rotation_at(Some(&cron), ts("2026-01-15T10:00:00Z"), "uid"),
             Some(ts("2026-02-01T03:00:00Z"))
         );
         assert_eq!(
-            next_rotation_at(Some(&cron), ts("2026-02-01T03:00:00Z")),
+            next_rotation_at(Some(&cron), ts("2026-02-01T03:00:00Z"), "uid"),
             Some(ts("2026-03-01T03:00:00Z")),
             "strictly after"
         );
-        assert_eq!(next_rotation_at(None, ts("2026-01-01T00:00:00Z")), None);
+        assert_eq!(
+            next_rotation_at(None, ts("2026-01-01T00:00:00Z"), "uid"),
+            None
+        );
+        // With jitter: a stable offset inside the jitter window.
+        let jittered = Schedule {
+            jitter: Some("1h".into()),
+            ..cron.clone()
+        };
+        let due = next_rotation_at(Some(&jittered), ts("2026-01-15T10:00:00Z"), "uid").unwrap();
+        assert!(due >= ts("2026-02-01T03:00:00Z") && due < ts("2026-02-01T04:00:00Z"));
+        assert_eq!(
+            Some(due),
+            next_rotation_at(Some(&jittered), ts("2026-01-15T10:00:00Z"), "uid")
+        );
         assert!(!cron_is_valid("61 * * * *"));
     }
 }

@@ -28,13 +28,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use jiff::Timestamp;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, warn};
 
 use crate::crd::SecretRotation;
+use crate::decide::{StartBucket, StartRate};
 use crate::deps::Deps;
 use crate::error::{Error, Result};
 use crate::leader::Fence;
@@ -68,6 +69,9 @@ pub struct Context {
     /// Side effects run through it (with leader election: only while the
     /// lease outlives the call).
     pub fence: Fence,
+    /// How fast this operator starts rotations; None: unbounded.
+    pub start_rate: Option<StartRate>,
+    start_bucket: Arc<Mutex<Option<StartBucket>>>,
     /// resourceVersion of the last status rekey wrote per object, to skip
     /// reconciles on a cache that has not caught up with that write yet.
     written: Arc<Mutex<HashMap<(String, String), u64>>>,
@@ -111,12 +115,27 @@ impl Context {
             on_status_written: None,
             allowed_hosts: None,
             fence: Fence::none(),
+            start_rate: None,
+            start_bucket: Arc::new(Mutex::new(None)),
             written: Arc::default(),
             swept: Arc::default(),
         }
     }
 
     /// True the first time it is asked for an object in this process.
+    /// Takes one of this operator's start slots, or says how long until one
+    /// is free.
+    pub(crate) fn take_start_slot(&self, now: Timestamp) -> std::result::Result<(), Duration> {
+        let Some(rate) = self.start_rate else {
+            return Ok(());
+        };
+        self.start_bucket
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| StartBucket::new(rate))
+            .take(rate, now)
+    }
+
     pub(crate) fn first_idle_look(&self, namespace: &str, name: &str) -> bool {
         self.swept
             .lock()
@@ -126,8 +145,9 @@ impl Context {
 }
 
 /// Runs the controller until a shutdown signal. `namespaces`: watch only these
-/// (namespaced mode) or, when empty, the whole cluster.
-pub async fn run(ctx: Context, namespaces: Vec<String>) {
+/// (namespaced mode) or, when empty, the whole cluster. At most `concurrency`
+/// reconciles run at once (per watched namespace).
+pub async fn run(ctx: Context, namespaces: Vec<String>, concurrency: u16) {
     let ctx = Arc::new(ctx);
     let error_policy = |sr: Arc<SecretRotation>, err: &Error, ctx: Arc<Context>| {
         warn!(namespace = sr.namespace().unwrap_or_default(), name = sr.name_any(), error = %err, "reconcile failed");
@@ -150,6 +170,7 @@ pub async fn run(ctx: Context, namespaces: Vec<String>) {
     };
     let runs = apis.into_iter().map(|api| {
         Controller::new(api, watcher::Config::default())
+            .with_config(controller::Config::default().concurrency(concurrency))
             .shutdown_on_signal()
             .run(reconcile, error_policy, ctx.clone())
             .for_each(|_| async {})

@@ -8,6 +8,7 @@
 
 mod crd;
 mod environment;
+mod herds;
 mod keycloak;
 mod machine;
 mod packaging;

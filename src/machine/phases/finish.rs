@@ -29,8 +29,12 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
     v.status.last_rotation = Some(summary.clone());
     v.status.observed_trigger = rot.trigger.clone();
     v.status.observed_rotate_request = rot.rotate_request.clone();
-    v.status.next_rotation_at =
-        decide::next_rotation_at(v.sr.spec.schedule.as_ref(), v.now).map(Time);
+    v.status.next_rotation_at = decide::next_rotation_at(
+        v.sr.spec.schedule.as_ref(),
+        v.now,
+        v.sr.metadata.uid.as_deref().unwrap_or_default(),
+    )
+    .map(Time);
     v.status.rotation = None;
     v.status.phase = Some(result);
     let event = match (result, &rot.failure) {

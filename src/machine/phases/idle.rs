@@ -29,16 +29,43 @@ pub async fn run(v: &mut View) -> Result<Action> {
         v.now,
     );
     if let Some(request) = request {
+        // Many requests at once (a restore, a reinstall) start over time.
+        if let Err(wait) = v.ctx.take_start_slot(v.now) {
+            let message = format!(
+                "rotation requested ({}); waiting for a start slot: this operator starts at most {} rotations at once and {} a minute (--start-burst, --starts-per-minute)",
+                request.as_str(),
+                v.ctx.start_rate.map_or(0, |r| r.burst),
+                v.ctx.start_rate.map_or(0, |r| r.per_minute)
+            );
+            v.set_condition(condition::ROTATING, "False", "StartRateLimited", &message);
+            v.write_status().await?;
+            return Ok(Action::requeue(wait.max(Duration::from_millis(100))));
+        }
         return start(v, request).await;
     }
-    let last_finished = v
+    let never_rotated = v.status.last_rotation.is_none();
+    if never_rotated && !v.sr.spec.rotate_on_create && v.status.observed_generation.is_none() {
+        // rotateOnCreate: false: creation is not a request; what the object
+        // holds now is the baseline later changes are compared with.
+        v.status.observed_trigger = v.sr.spec.trigger.clone();
+        v.status.observed_rotate_request = v.annotations().get(ROTATE_ANNOTATION).cloned();
+    }
+    // Schedules count from the last rotation, or (never rotated, not
+    // rotated on create) from creation.
+    let since = v
         .status
         .last_rotation
         .as_ref()
         .and_then(|l| l.finished_at.as_ref())
-        .map(|t| t.0);
-    v.status.next_rotation_at = last_finished
-        .and_then(|t| decide::next_rotation_at(v.sr.spec.schedule.as_ref(), t))
+        .map(|t| t.0)
+        .or_else(|| {
+            (never_rotated && !v.sr.spec.rotate_on_create)
+                .then(|| v.sr.metadata.creation_timestamp.as_ref().map(|t| t.0))
+                .flatten()
+        });
+    let uid = v.sr.metadata.uid.clone().unwrap_or_default();
+    v.status.next_rotation_at = since
+        .and_then(|t| decide::next_rotation_at(v.sr.spec.schedule.as_ref(), t, &uid))
         .map(Time);
     v.status.pending_request = None;
     v.status.observed_generation = v.sr.metadata.generation;
@@ -133,6 +160,7 @@ pub fn note_pending_request(v: &mut View) {
         trigger: rot.trigger.as_deref(),
         rotate_request: rot.rotate_request.as_deref(),
         ever_rotated: true,
+        known: true,
         next_rotation_at: None,
     };
     let pending = decide::rotation_request(&v.sr.spec, &served, v.annotations(), v.now);
