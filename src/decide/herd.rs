@@ -37,7 +37,9 @@ impl StartBucket {
             .at
             .map_or(0.0, |at| now.duration_since(at).as_secs_f64().max(0.0));
         self.tokens = (self.tokens + elapsed * per_second).min(f64::from(rate.burst.max(1)));
-        self.at = Some(now);
+        // Concurrent reconciles read the clock at different moments: the
+        // bucket's time only moves forward, or a late reader refills twice.
+        self.at = Some(self.at.map_or(now, |at| at.max(now)));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
@@ -84,6 +86,19 @@ mod tests {
             assert!(b.take(rate, at(100)).is_ok());
         }
         assert!(b.take(rate, at(100)).is_err());
+    }
+
+    #[test]
+    fn a_stale_clock_reading_refills_nothing() {
+        let rate = StartRate {
+            burst: 1,
+            per_minute: 60,
+        };
+        let mut b = StartBucket::new(rate);
+        assert!(b.take(rate, at(10)).is_ok());
+        assert!(b.take(rate, at(9)).is_err(), "read before the last take");
+        assert!(b.take(rate, at(10)).is_err(), "no slot refilled by it");
+        assert!(b.take(rate, at(11)).is_ok());
     }
 
     #[test]

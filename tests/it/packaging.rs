@@ -524,3 +524,82 @@ async fn a_renewing_leader_with_a_skewed_clock_keeps_its_lease() {
         stopped.elapsed()
     );
 }
+
+/// Issue 10 item 1, in the chart's cluster mode (no `namespaces`): the real
+/// binary, with exactly the chart's ServiceAccount rights, rotates in a
+/// `secretWriteNamespaces` namespace, and in any other namespace is refused
+/// at Preflight (no Secret access there), before anything is issued.
+#[tokio::test]
+async fn cluster_mode_writes_secrets_only_where_granted() {
+    // Cluster-wide watching would see every other test's objects: a private
+    // cluster.
+    let opts = common::Options {
+        eso: false,
+        moto: false,
+        ..common::Options::default()
+    };
+    let (c, client, _) = common::setup_private("cluster-mode", opts).await;
+    let c = &c;
+    install_crd(c);
+    let granted = common::namespace_in(c, &client, "team-a").await;
+    let other = common::namespace_in(c, &client, "team-b").await;
+    let release_ns = common::namespace_in(c, &client, "rekey-system").await;
+    let chart = repo_root().join("charts/rekey").display().to_string();
+    let manifest = helm(
+        c,
+        &[
+            "template",
+            "rekey",
+            &chart,
+            "--namespace",
+            &release_ns,
+            "--set",
+            &format!("secretWriteNamespaces={{{granted}}}"),
+            "--set",
+            "image.tag=test",
+        ],
+    );
+    assert!(manifest.contains("kind: ClusterRole"), "cluster mode");
+    c.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifest)
+        .unwrap();
+    let can_i = |verb: &str, ns: &str| {
+        c.kubectl(&[
+            "auth",
+            "can-i",
+            verb,
+            "secrets",
+            "-n",
+            ns,
+            &format!("--as=system:serviceaccount:{release_ns}:rekey"),
+        ])
+        // `can-i` answers "no" with a failing exit status.
+        .is_ok_and(|out| out.trim() == "yes")
+    };
+    assert!(can_i("get", &granted));
+    assert!(
+        !can_i("get", &other) && !can_i("list", &other),
+        "no Secret access elsewhere"
+    );
+    let kubeconfig = service_account_kubeconfig(c, &release_ns);
+    let op = Operator::start_with_kubeconfig(REKEY, c, "", kubeconfig);
+    let spec = json!({
+        "credential": {"generated": {}},
+        "oldValueValidFor": "30m",
+        "targets": [{"name": "main", "kubernetesSecret": {"name": "app-creds", "key": "k"}}],
+        "proof": {"nothingToProve": true}
+    });
+    create_rotation(&client, &granted, "app", spec.clone()).await;
+    create_rotation(&client, &other, "app", spec).await;
+    wait_phase(&client, &granted, "app", Phase::Succeeded, LONG).await;
+    assert!(
+        read_key(&client, &granted, "app-creds", "k")
+            .await
+            .is_some()
+    );
+    let sr = wait_phase(&client, &other, "app", Phase::Failed, LONG).await;
+    let f = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(f.phase, Phase::Preflight, "{f:?}");
+    assert!(f.message.contains("forbidden"), "{f:?}");
+    assert!(read_key(&client, &other, "app-creds", "k").await.is_none());
+    assert!(op.logs().contains("rekey starting"));
+}

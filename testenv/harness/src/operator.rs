@@ -28,7 +28,8 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts `bin run` (the rekey binary) watching only `namespace`.
+    /// Starts `bin run` (the rekey binary) watching only `namespace` (the
+    /// whole cluster when it is empty).
     pub fn start(bin: impl AsRef<Path>, c: &Cluster, namespace: &str) -> Operator {
         Self::start_with_kubeconfig(bin, c, namespace, c.kubeconfig.clone())
     }
@@ -72,9 +73,13 @@ impl Operator {
             self.namespace, self.id, self.restarts
         ));
         let log = fs::File::create(&self.log).unwrap();
-        let child = Command::new(&self.bin)
-            .args(["run", "--poll=500ms"])
-            .arg(format!("--namespaces={}", self.namespace))
+        let mut command = Command::new(&self.bin);
+        command.args(["run", "--poll=500ms"]);
+        // An empty namespace: the whole cluster (the chart's cluster mode).
+        if !self.namespace.is_empty() {
+            command.arg(format!("--namespaces={}", self.namespace));
+        }
+        let child = command
             .arg(format!("--metrics-addr=127.0.0.1:{}", self.metrics_port))
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
