@@ -122,16 +122,32 @@ impl Plan {
     }
 }
 
+/// One thing a rotation acts on, and the namespace whose Lease claims it:
+/// a Secret's own namespace (so rotations from two granted namespaces see
+/// each other), the SecretRotation's namespace for everything else.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Claim {
+    pub namespace: String,
+    /// Readable text, e.g. `Secret team-a/app key client_secret`.
+    pub what: String,
+}
+
 /// What a rotation acts on that no other rotation may act on at the same
-/// time: each store entry, ExternalSecret and workload, as readable text.
-/// IBM and AWS secrets are claimed whole (their writes have no
-/// compare-and-swap, so two rotations of different keys would lose one).
-pub fn claims(spec: &crate::crd::SecretRotationSpec, home: &str) -> Vec<String> {
+/// time: each store entry, ExternalSecret and workload. IBM and AWS secrets
+/// are claimed whole (their writes have no compare-and-swap, so two
+/// rotations of different keys would lose one).
+pub fn claims(spec: &crate::crd::SecretRotationSpec, home: &str) -> Vec<Claim> {
     let mut claims = vec![];
+    let mut claim = |namespace: &str, what: String| {
+        claims.push(Claim {
+            namespace: namespace.to_string(),
+            what,
+        })
+    };
     for t in &spec.targets {
         if let Some(k) = &t.kubernetes_secret {
             let ns = k.namespace.as_deref().unwrap_or(home);
-            claims.push(format!("Secret {ns}/{} key {}", k.name, k.key));
+            claim(ns, format!("Secret {ns}/{} key {}", k.name, k.key));
         }
         if let Some(i) = &t.ibm_secrets_manager {
             let id = i
@@ -139,28 +155,31 @@ pub fn claims(spec: &crate::crd::SecretRotationSpec, home: &str) -> Vec<String> 
                 .clone()
                 .or_else(|| i.secret_name.clone())
                 .unwrap_or_default();
-            claims.push(format!(
-                "IBM secret {id} at {}",
-                i.service_url.trim_end_matches('/')
-            ));
+            claim(
+                home,
+                format!("IBM secret {id} at {}", i.service_url.trim_end_matches('/')),
+            );
         }
         if let Some(a) = &t.aws_secrets_manager {
-            claims.push(format!(
-                "AWS secret {} in {}{}",
-                a.secret_id,
-                a.region,
-                a.endpoint
-                    .as_deref()
-                    .map(|e| format!(" at {e}"))
-                    .unwrap_or_default()
-            ));
+            claim(
+                home,
+                format!(
+                    "AWS secret {} in {}{}",
+                    a.secret_id,
+                    a.region,
+                    a.endpoint
+                        .as_deref()
+                        .map(|e| format!(" at {e}"))
+                        .unwrap_or_default()
+                ),
+            );
         }
     }
     for es in &spec.proof.external_secrets {
-        claims.push(format!("ExternalSecret {home}/{}", es.name));
+        claim(home, format!("ExternalSecret {home}/{}", es.name));
     }
     for w in &spec.proof.workloads {
-        claims.push(format!("{:?} {home}/{}", w.kind, w.name));
+        claim(home, format!("{:?} {home}/{}", w.kind, w.name));
     }
     claims
 }

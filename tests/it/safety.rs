@@ -616,3 +616,75 @@ async fn a_schedule_that_cannot_be_served_says_so() {
     })
     .await;
 }
+
+/// Issue 10 item 8 across namespaces: two SecretRotations in different
+/// namespaces, both granted on one Secret of a third, take turns: the claim
+/// on a Secret lives in the Secret's namespace, so the second waits, naming
+/// the first, until it ends.
+#[tokio::test]
+async fn rotations_of_one_secret_from_two_namespaces_take_turns() {
+    let (c, client, a) = common::setup("claim-a").await;
+    install_crd(c);
+    let b = common::namespace(&client, "claim-b").await;
+    let target = common::namespace(&client, "claim-target").await;
+    let shared: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "shared", "annotations": {
+            "rekey.dev/allow-rotation-from": format!("{a},{b}")}},
+        "stringData": {"k": common::canary("old")}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &target)
+        .create(&Default::default(), &shared)
+        .await
+        .unwrap();
+    let also = format!("--namespaces={b},{target}");
+    let _op = Operator::start_with_args(REKEY, c, &a, c.kubeconfig.clone(), &[also.as_str()]);
+    let spec = |credential: serde_json::Value| {
+        json!({
+            "credential": credential,
+            "oldValueValidFor": "30m",
+            "targets": [{"name": "main", "kubernetesSecret": {
+                "namespace": target, "name": "shared", "key": "k", "adoptExisting": true}}],
+            "proof": {"nothingToProve": true}
+        })
+    };
+    // The first holds its claim until a person confirms the invalidation.
+    put_secret(
+        &client,
+        &a,
+        "handed-over",
+        json!({"value": common::canary("manual")}),
+    )
+    .await;
+    create_rotation(
+        &client,
+        &a,
+        "first",
+        spec(json!({"manual": {"secretRef": {"name": "handed-over", "key": "value"}}})),
+    )
+    .await;
+    let first = wait_phase(&client, &a, "first", Phase::AwaitingConfirmation, LONG).await;
+    create_rotation(&client, &b, "second", spec(json!({"generated": {}}))).await;
+    common::wait_for("the second to wait for the first", LONG, || async {
+        get_rotation(&client, &b, "second")
+            .await
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .any(|c| {
+                c.type_ == "Rotating"
+                    && c.message
+                        .contains(&format!("waiting for SecretRotation {a}/first"))
+            })
+    })
+    .await;
+    assert_eq!(
+        phase_of(&get_rotation(&client, &b, "second").await),
+        Some(Phase::Preflight),
+        "nothing issued or written while the first is not done"
+    );
+    let id = first.status.unwrap().rotation.unwrap().id;
+    annotate_rotation(&client, &a, "first", "rekey.dev/confirm-invalidated", &id).await;
+    wait_phase(&client, &a, "first", Phase::Succeeded, LONG).await;
+    wait_phase(&client, &b, "second", Phase::Succeeded, LONG).await;
+}
