@@ -77,6 +77,10 @@ fn failure(sr: &rekey::crd::SecretRotation) -> rekey::crd::Failure {
 /// had not synced yet started its pods on the old value: it is no proof.
 #[tokio::test]
 async fn await_mode_ignores_a_restart_made_before_the_sync() {
+    await_scenario().await;
+}
+
+async fn await_scenario() {
     let (c, client, ns) = common::setup("await-early").await;
     let old = common::canary("old");
     scene(c, &client, &ns, &old).await;
@@ -93,6 +97,10 @@ async fn await_mode_ignores_a_restart_made_before_the_sync() {
         revisions(&client, &ns, "app").await == 2 && deployment_available(&client, &ns, "app").await
     })
     .await;
+    // Kubernetes timestamps have whole seconds, and a pod created in the
+    // same second as ESO's sync counts as started after it: the sync comes
+    // clearly later here.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     point_external_secret(&client, &ns, "app-creds", "source").await;
     wait_phase(&client, &ns, "app-secret", Phase::AwaitingRollout, LONG).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -445,4 +453,66 @@ async fn one_deadline_covers_sync_and_rollout_together() {
         "{}",
         f.message
     );
+}
+
+/// Issue 10 item 2: when the last rotations needed so long that twice that
+/// does not fit in the grace window, the next one is refused at Preflight
+/// (nothing issued), unless `proof.ignoreHistory` says to rely on the
+/// timeout alone.
+#[tokio::test]
+async fn a_window_that_recent_rotations_would_not_fit_is_refused() {
+    let (c, client, ns) = common::setup("history").await;
+    let old = common::canary("old");
+    scene(c, &client, &ns, &old).await;
+    break_external_secret(&client, &ns, "app-creds").await;
+    let _op = Operator::start(REKEY, c, &ns);
+    let mut spec = rotation_spec(json!({"generated": {}}));
+    spec["oldValueValidFor"] = json!("1m");
+    spec["proof"]["timeout"] = json!("54s");
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    // The first rotation's sync takes about 30 s: it still fits its deadline.
+    wait_phase(&client, &ns, "app-secret", Phase::AwaitingSync, LONG).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    point_external_secret(&client, &ns, "app-creds", "source").await;
+    let sr = wait_phase(&client, &ns, "app-secret", Phase::Succeeded, LONG).await;
+    let first = sr.status.unwrap().last_rotation.unwrap().id;
+    let written = read_key(&client, &ns, "source", "client_secret").await;
+    // Twice 30 s does not fit in a minute: the next request is refused.
+    annotate_rotation(&client, &ns, "app-secret", "rekey.dev/rotate", "again").await;
+    common::wait_for("the second rotation to end", LONG, || async {
+        get_rotation(&client, &ns, "app-secret")
+            .await
+            .status
+            .is_some_and(|s| s.rotation.is_none() && s.last_rotation.is_some_and(|l| l.id != first))
+    })
+    .await;
+    let f = failure(&get_rotation(&client, &ns, "app-secret").await);
+    assert_eq!(
+        (f.reason.as_str(), f.phase),
+        ("GraceWindowTooShort", Phase::Preflight),
+        "{}",
+        f.message
+    );
+    assert!(f.message.contains("slowest"), "{}", f.message);
+    assert_eq!(
+        read_key(&client, &ns, "source", "client_secret").await,
+        written,
+        "nothing written"
+    );
+    // Relying on the timeout alone is an explicit choice.
+    let patch = json!({"spec": {"proof": {"ignoreHistory": true}}});
+    Api::<rekey::crd::SecretRotation>::namespaced(client.clone(), &ns)
+        .patch("app-secret", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    annotate_rotation(&client, &ns, "app-secret", "rekey.dev/rotate", "once-more").await;
+    common::wait_for("the third rotation to succeed", LONG, || async {
+        get_rotation(&client, &ns, "app-secret")
+            .await
+            .status
+            .is_some_and(|s| {
+                s.rotation.is_none() && s.history.len() == 3 && s.phase == Some(Phase::Succeeded)
+            })
+    })
+    .await;
 }
