@@ -89,7 +89,16 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 tracing_subscriber::fmt().with_env_filter(filter).init();
             }
-            let client = kube::Client::try_default().await?;
+            // Named in the API server's audit log and metrics as `rekey/<version>`.
+            let mut config = kube::Config::infer().await?;
+            config.headers.push((
+                reqwest::header::USER_AGENT,
+                reqwest::header::HeaderValue::from_static(concat!(
+                    "rekey/",
+                    env!("CARGO_PKG_VERSION")
+                )),
+            ));
+            let client = kube::Client::try_from(config)?;
             let metrics = rekey::metrics::Metrics::new();
             let mut ctx = rekey::machine::Context::new(client, metrics.clone(), poll);
             ctx.allowed_hosts = (!allowed_hosts.is_empty()).then_some(allowed_hosts);

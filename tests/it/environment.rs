@@ -154,6 +154,7 @@ fn helper_start_cluster_then_die() {
         eso: true,
         eso_env: vec![],
         moto: true,
+        ..Default::default()
     });
     let mut pids = c.pids();
     pids.push(c.process_group() as u32);

@@ -6,6 +6,7 @@
 //!
 //! Run one suite with `cargo test --test it <suite>::`, e.g. `keycloak::`.
 
+mod budget;
 mod crd;
 mod environment;
 mod herds;

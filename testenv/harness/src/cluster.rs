@@ -93,6 +93,9 @@ pub struct Options {
     /// Start moto (AWS Secrets Manager emulator); ESO's AWS provider is
     /// pointed at it with AWS_SECRETSMANAGER_ENDPOINT.
     pub moto: bool,
+    /// Write the API server's audit log (Metadata level, JSON lines) to
+    /// `audit.log` in the cluster's directory: who asked for what, when.
+    pub audit: bool,
 }
 
 impl Default for Options {
@@ -102,6 +105,7 @@ impl Default for Options {
             eso: true,
             eso_env: vec![],
             moto: true,
+            audit: false,
         }
     }
 }
@@ -401,6 +405,21 @@ impl Cluster {
         }])?;
 
         let p = |n: &str| pki_dir.join(n).display().to_string();
+        let audit_flags = if opts.audit {
+            let policy = cluster.dir.join("audit-policy.yaml");
+            fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+            )?;
+            vec![
+                format!("--audit-policy-file={}", policy.display()),
+                format!("--audit-log-path={}", cluster.audit_log().display()),
+                "--audit-log-format=json".to_string(),
+                "--audit-log-mode=blocking".to_string(),
+            ]
+        } else {
+            vec![]
+        };
         cluster.bring_up(vec![Spec {
             name: "kube-apiserver",
             bin: kube_bin.join("kube-apiserver"),
@@ -432,6 +451,9 @@ impl Cluster {
                         "--enable-priority-and-fairness=false".into(),
                         "--v=1".into(),
                     ]
+                    .into_iter()
+                    .chain(audit_flags.clone())
+                    .collect()
                 }
             }),
             env: vec![],
@@ -807,6 +829,11 @@ kill -KILL 0"#;
         fs::write(self.dir.join("watchdog.pid"), child.id().to_string())?;
         self.watchdog = Some((child, stdin));
         Ok(())
+    }
+
+    /// The API server's audit log (with `Options::audit`).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
     }
 
     pub fn process_group(&self) -> i32 {

@@ -6,6 +6,7 @@
 //! several replicas, or need a second cluster. Binary paths Cargo gives only
 //! to the rekey package's tests (`CARGO_BIN_EXE_*`) are passed in.
 
+pub mod audit;
 pub mod cluster;
 pub mod fixtures;
 pub mod ibm;
