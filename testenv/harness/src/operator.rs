@@ -74,7 +74,11 @@ impl Operator {
         ));
         let log = fs::File::create(&self.log).unwrap();
         let mut command = Command::new(&self.bin);
-        command.args(["run", "--poll=500ms"]);
+        command.arg("run");
+        // Tests poll every 500 ms unless they say otherwise.
+        if !self.extra_args.iter().any(|a| a.starts_with("--poll")) {
+            command.arg("--poll=500ms");
+        }
         // An empty namespace: the whole cluster (the chart's cluster mode).
         if !self.namespace.is_empty() {
             command.arg(format!("--namespaces={}", self.namespace));
