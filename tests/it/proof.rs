@@ -197,21 +197,7 @@ async fn rollback_restarts_workloads_back_onto_the_old_value() {
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
     let f = failure(&sr);
     assert_eq!(f.reason, "RolloutTimeout", "{}", f.message);
-    assert!(
-        sr.status
-            .as_ref()
-            .unwrap()
-            .last_rotation
-            .as_ref()
-            .unwrap()
-            .rolled_back
-    );
-    assert_eq!(
-        read_key(&client, &ns, "app-creds", "client_secret")
-            .await
-            .as_deref(),
-        Some(old.as_str())
-    );
+    assert_rolled_back_to(&client, &ns, &sr, &old).await;
     // app: the original template, the rotation's restart, the rollback's.
     assert_eq!(revisions(&client, &ns, "app").await, 3, "restarted back");
     assert!(deployment_available(&client, &ns, "app").await);
@@ -274,22 +260,29 @@ async fn rollback_waits_until_the_synced_secret_holds_the_old_value() {
     point_external_secret(&client, &ns, "app-creds", "source").await;
     let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
     assert_eq!(failure(&sr).reason, "SyncTimeout");
-    assert!(
-        sr.status
-            .as_ref()
-            .unwrap()
-            .last_rotation
-            .as_ref()
-            .unwrap()
-            .rolled_back
-    );
+    assert_rolled_back_to(&client, &ns, &sr, &old).await;
+    assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old]).await;
+}
+
+/// The rotation ended rolled back, and the synced Secret holds `old` again.
+async fn assert_rolled_back_to(
+    client: &Client,
+    ns: &str,
+    sr: &rekey::crd::SecretRotation,
+    old: &str,
+) {
+    let rolled_back = sr
+        .status
+        .as_ref()
+        .and_then(|s| s.last_rotation.as_ref())
+        .is_some_and(|l| l.rolled_back);
+    assert!(rolled_back, "the rotation says it rolled back");
     assert_eq!(
-        read_key(&client, &ns, "app-creds", "client_secret")
+        read_key(client, ns, "app-creds", "client_secret")
             .await
             .as_deref(),
-        Some(old.as_str())
+        Some(old)
     );
-    assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old]).await;
 }
 
 /// An ExternalSecret whose template renders the value into a DSN under key
