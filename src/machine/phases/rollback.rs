@@ -46,33 +46,35 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let previous: Vec<_> = record.previous.values().collect();
     let mut waiting = vec![];
     for es in &v.sr.spec.proof.external_secrets {
-        let mut state = v
+        let state = v
             .act(
                 "refresh request",
                 eso.refresh_and_check(es, &token, &record.new, None),
             )
             .await?;
-        if let SyncState::ReadyWithOtherValue(_) = state
-            && !previous.is_empty()
-        {
-            state = SyncState::Waiting(format!(
-                "ExternalSecret {} does not deliver a previous value yet",
-                es.name
-            ));
-            for p in &previous {
-                if eso.check(es, p).await? == SyncState::Synced {
-                    state = SyncState::ReadyWithOtherValue(String::new());
-                    break;
-                }
-            }
-        }
         match state {
-            SyncState::ReadyWithOtherValue(_) => {}
             SyncState::Synced => waiting.push(format!(
                 "ExternalSecret {} still delivers the new value",
                 es.name
             )),
             SyncState::Waiting(why) => waiting.push(why),
+            // Another value: rolled back when it is a previous one (with
+            // none recorded, any value but the new one counts).
+            SyncState::ReadyWithOtherValue(_) => {
+                let mut restored = previous.is_empty();
+                for p in &previous {
+                    if restored {
+                        break;
+                    }
+                    restored = eso.check(es, p).await? == SyncState::Synced;
+                }
+                if !restored {
+                    waiting.push(format!(
+                        "ExternalSecret {} does not deliver a previous value yet",
+                        es.name
+                    ));
+                }
+            }
         }
     }
     // Workloads this rotation restarted onto the new value restart again,
