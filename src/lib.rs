@@ -18,6 +18,7 @@ pub mod server;
 pub mod source;
 pub mod store;
 pub mod value;
+pub mod wake;
 pub mod wal;
 
 /// Selects rustls' crypto provider once per process (kube and reqwest both

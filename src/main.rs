@@ -28,9 +28,14 @@ enum Command {
         /// Watch only these namespaces (comma-separated); empty: the whole cluster.
         #[arg(long, env = "REKEY_NAMESPACES", value_delimiter = ',')]
         namespaces: Vec<String>,
-        /// How often waits poll, e.g. 2s.
-        #[arg(long, env = "REKEY_POLL", default_value = "2s", value_parser = parse_duration)]
+        /// How long a waiting rotation sleeps when no watch event wakes it,
+        /// e.g. 30s: a safety net, since watches on what it waits for wake it.
+        #[arg(long, env = "REKEY_POLL", default_value = "30s", value_parser = parse_duration)]
         poll: Duration,
+        /// Merge the wake-ups of one SecretRotation that arrive within this
+        /// long into one reconcile, e.g. 100ms; 0s: none.
+        #[arg(long, env = "REKEY_DEBOUNCE", default_value = "0s", value_parser = parse_duration)]
+        debounce: Duration,
         /// Log format: text or json.
         #[arg(long, env = "REKEY_LOG_FORMAT", default_value = "text")]
         log_format: String,
@@ -78,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             start_burst,
             starts_per_minute,
             max_concurrent_reconciles,
+            debounce,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -118,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
             }
             tokio::select! {
                 r = serve => r??,
-                _ = rekey::machine::run(ctx, namespaces, max_concurrent_reconciles.max(1)) => {},
+                _ = rekey::machine::run(ctx, namespaces, max_concurrent_reconciles.max(1), debounce) => {},
             }
         }
     }

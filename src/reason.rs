@@ -87,6 +87,16 @@ reasons! {
     ExternalSecretNotFound: Never,
     /// A named workload does not exist.
     WorkloadNotFound: Never,
+    /// A consumer of the value (a pod's owner, a workload whose template
+    /// reads it, another ExternalSecret pulling the same key) is neither in
+    /// `proof.workloads` nor in `proof.consumers`.
+    UncoveredConsumer: Never,
+    /// A workload's rollout can never progress: a paused Deployment, or an
+    /// `OnDelete` update strategy.
+    RolloutCannotProgress: Never,
+    /// Pods that started before the new value was synced were still running
+    /// or terminating when `proof.timeout` ran out.
+    DrainTimeout: Never,
     /// A referenced Secret does not exist.
     SecretNotFound: Never,
     /// A referenced Secret lacks the key, or it is empty.

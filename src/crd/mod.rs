@@ -414,6 +414,13 @@ pub struct Proof {
     #[serde(default)]
     #[schemars(length(max = 32))]
     pub workloads: Vec<WorkloadRef>,
+    /// Consumers of the value that rekey does not restart: how each is
+    /// covered (awaited, reloads by itself, or accepted with a reason).
+    /// rekey refuses to invalidate while a consumer it found is neither in
+    /// `workloads` nor here. May be changed during a rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub consumers: Vec<ConsumerHandling>,
     /// Who restarts the workloads. `Trigger` (default): rekey stamps each pod
     /// template with the rotation id (one rollout per rotation). `Await`:
     /// something else restarts them (e.g. Reloader); rekey waits for it.
@@ -573,6 +580,8 @@ pub enum FailurePolicy {
     Rollback,
 }
 
+mod consumers;
 pub mod keys;
 mod status;
+pub use consumers::*;
 pub use status::*;

@@ -172,6 +172,12 @@ pub struct RotationStatus {
     /// Workload generations seen before the refresh request (Await mode).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workload_baselines: Vec<WorkloadBaseline>,
+    /// Every consumer of the value found at Preflight, and how the proof
+    /// covers it: `Restarted` (in `proof.workloads`), `Await`,
+    /// `ReloadsItself` or `Accept` (from `proof.consumers`; the last two
+    /// are exempt from the drain proof).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerStatus>,
     /// Each ExternalSecret's `status.syncedResourceVersion` before rekey's
     /// refresh request: the sync counts only once ESO itself synced after
     /// the request (a value rekey wrote cannot prove itself).
@@ -247,6 +253,16 @@ pub struct WorkloadBaseline {
     pub name: String,
     /// FNV-1a fingerprint of the pod template.
     pub template: String,
+}
+
+/// One consumer of the value and how the proof covers it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerStatus {
+    pub kind: String,
+    pub name: String,
+    /// Restarted, Await, ReloadsItself or Accept.
+    pub handling: String,
 }
 
 /// Why a rotation failed. The message is built from fixed text and object

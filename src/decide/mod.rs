@@ -3,6 +3,7 @@
 //! what does a finished rotation report. No I/O; the clock is an argument.
 //! The machine (`crate::machine`) applies what these functions compute.
 
+pub mod consumers;
 pub mod grace;
 pub mod herd;
 pub mod request;

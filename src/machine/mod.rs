@@ -40,6 +40,7 @@ use crate::deps::Deps;
 use crate::error::{Error, Result};
 use crate::leader::Fence;
 use crate::metrics::{Metrics, RotationLabels};
+use crate::wake::Wake;
 pub use providers::{Providers, RealProviders};
 
 /// Field manager of every write rekey makes.
@@ -60,8 +61,11 @@ pub struct Context {
     pub metrics: Metrics,
     /// Builds sources, stores and proofs.
     pub providers: Arc<dyn Providers>,
-    /// How often waits (sync, rollout, approval) poll.
+    /// How long a waiting rotation sleeps when no watch event wakes it
+    /// (a safety net; `wake` wakes it when what it waits on changes).
     pub poll: Duration,
+    /// Watches that wake waiting rotations (None: waits only poll).
+    pub wake: Option<Arc<Wake>>,
     pub clock: Clock,
     pub on_status_written: Option<StatusWritten>,
     /// Hosts the spec's URLs may name (exact or `*.suffix`); None: any.
@@ -111,6 +115,7 @@ impl Context {
             metrics,
             providers,
             poll,
+            wake: None,
             clock,
             on_status_written: None,
             allowed_hosts: None,
@@ -146,8 +151,13 @@ impl Context {
 
 /// Runs the controller until a shutdown signal. `namespaces`: watch only these
 /// (namespaced mode) or, when empty, the whole cluster. At most `concurrency`
-/// reconciles run at once (per watched namespace).
-pub async fn run(ctx: Context, namespaces: Vec<String>, concurrency: u16) {
+/// reconciles run at once (per watched namespace). A reconcile is started
+/// by a change of its SecretRotation, by a watch event of something its
+/// rotation waits on (see `crate::wake`), or by its requeue; `debounce`
+/// merges the triggers of one object that arrive within it.
+pub async fn run(mut ctx: Context, namespaces: Vec<String>, concurrency: u16, debounce: Duration) {
+    let wake = Arc::new(Wake::new(ctx.client.clone()));
+    ctx.wake = Some(wake.clone());
     let ctx = Arc::new(ctx);
     let error_policy = |sr: Arc<SecretRotation>, err: &Error, ctx: Arc<Context>| {
         warn!(namespace = sr.namespace().unwrap_or_default(), name = sr.name_any(), error = %err, "reconcile failed");
@@ -160,17 +170,21 @@ pub async fn run(ctx: Context, namespaces: Vec<String>, concurrency: u16) {
             .inc();
         Action::requeue(Duration::from_secs(5))
     };
-    let apis: Vec<Api<SecretRotation>> = if namespaces.is_empty() {
-        vec![Api::all(ctx.client.clone())]
+    let apis: Vec<(Api<SecretRotation>, Option<String>)> = if namespaces.is_empty() {
+        vec![(Api::all(ctx.client.clone()), None)]
     } else {
         namespaces
             .iter()
-            .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+            .map(|ns| (Api::namespaced(ctx.client.clone(), ns), Some(ns.clone())))
             .collect()
     };
-    let runs = apis.into_iter().map(|api| {
+    let runs = apis.into_iter().map(|(api, ns)| {
+        let config = controller::Config::default()
+            .concurrency(concurrency)
+            .debounce(debounce);
         Controller::new(api, watcher::Config::default())
-            .with_config(controller::Config::default().concurrency(concurrency))
+            .with_config(config)
+            .reconcile_on(wake.route(ns))
             .shutdown_on_signal()
             .run(reconcile, error_policy, ctx.clone())
             .for_each(|_| async {})

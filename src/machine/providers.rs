@@ -11,7 +11,8 @@ use crate::error::Result;
 use crate::plan::{SourcePlan, TargetPlan};
 use crate::proof::eso::ExternalSecrets;
 use crate::proof::rollout::Workloads;
-use crate::proof::{RolloutProof, SyncProof};
+use crate::proof::consumers::Consumers;
+use crate::proof::{ConsumerProof, RolloutProof, SyncProof};
 use crate::source::{self, CredentialSource};
 use crate::store::{self, Store};
 
@@ -37,6 +38,8 @@ pub trait Providers: Send + Sync {
     fn sync(&self, namespace: &str) -> Arc<dyn SyncProof>;
     /// The workloads of a namespace.
     fn rollouts(&self, namespace: &str) -> Arc<dyn RolloutProof>;
+    /// The consumers of a namespace.
+    fn consumers(&self, namespace: &str) -> Arc<dyn ConsumerProof>;
 }
 
 /// The providers of a running operator.
@@ -71,5 +74,9 @@ impl Providers for RealProviders {
 
     fn rollouts(&self, namespace: &str) -> Arc<dyn RolloutProof> {
         Arc::new(Workloads::new(self.deps.client.clone(), namespace))
+    }
+
+    fn consumers(&self, namespace: &str) -> Arc<dyn ConsumerProof> {
+        Arc::new(Consumers::new(self.deps.client.clone(), namespace))
     }
 }

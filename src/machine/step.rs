@@ -11,8 +11,16 @@ use crate::crd::keys::CONFIRM_ANNOTATION;
 use crate::decide::{self, Next, OnTransient, Outcome, Route};
 use crate::error::{Error, Result};
 use crate::reason::Reason;
+use crate::wake::Interest;
 
 pub(super) async fn reconcile(mut v: View) -> Result<Action> {
+    if let Some(wake) = v.ctx.wake.clone() {
+        // Watches wake a rotation in progress when what it waits on changes.
+        match v.status.rotation {
+            Some(_) => wake.wait_on(&v.namespace, &v.name, Interest::of(&v.sr.spec)),
+            None => wake.forget(&v.namespace, &v.name),
+        }
+    }
     if v.status.rotation.is_none() {
         if finalizer::deleting(&v) {
             // Nothing in progress: the deletion may proceed at once.
@@ -44,7 +52,9 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
             OnTransient::Retry => {
                 v.set_rotating(&format!("retrying after error: {e}"));
                 v.write_status().await?;
-                Ok(Action::requeue(v.ctx.poll.max(Duration::from_secs(2))))
+                Ok(Action::requeue(
+                    v.ctx.poll.clamp(Duration::from_secs(2), Duration::from_secs(10)),
+                ))
             }
             OnTransient::GiveUp => {
                 let message = format!("{} (gave up after {})", e.message, v.sr.spec.proof.timeout);

@@ -35,6 +35,9 @@ pub mod condition {
     /// With `spec.schedule`: the next rotation is scheduled (False: the
     /// schedule cannot be served and no rotation will come from it).
     pub const SCHEDULED: &str = "Scheduled";
+    /// A proven workload is also restarted by something else (e.g.
+    /// Reloader): two rollouts per rotation, one of them wasted.
+    pub const COMPETING_RESTARTER: &str = "CompetingRestarter";
 }
 
 pub struct View {
@@ -91,10 +94,16 @@ impl View {
         self.status.phase.unwrap_or(Phase::Pending)
     }
 
-    /// Fingerprint of what a rotation acts on: a change after Issuing fails it.
+    /// Fingerprint of what a rotation acts on: a change after Issuing fails
+    /// it. `proof.consumers` is left out: saying how a consumer found during
+    /// the rotation is handled changes nothing already issued or proven.
     pub fn spec_fingerprint(&self) -> String {
         let spec = &self.sr.spec;
-        crate::fingerprint::of_json(&(&spec.credential, &spec.targets, &spec.proof))
+        let proof = crate::crd::Proof {
+            consumers: vec![],
+            ..spec.proof.clone()
+        };
+        crate::fingerprint::of_json(&(&spec.credential, &spec.targets, &proof))
     }
 
     pub fn labels(&self) -> RotationLabels {

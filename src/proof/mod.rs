@@ -1,6 +1,7 @@
 //! Proof: ESO synced the new value, and the workloads rolled out on it. Two
 //! small traits, so the machine can be driven by in-memory proofs in tests.
 
+pub mod consumers;
 pub mod eso;
 pub mod rollout;
 
@@ -8,6 +9,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 use crate::crd::{ExternalSecretProof, WorkloadRef};
+use crate::decide::consumers::{Census, PodUse};
 use crate::error::Result;
 use crate::value::SecretValue;
 use eso::SyncState;
@@ -50,6 +52,26 @@ pub trait RolloutProof: Send + Sync {
     async fn restart(&self, w: &WorkloadRef, annotation: &str, rotation_id: &str) -> Result<()>;
     /// When the oldest of the workload's pods (not being deleted) was created.
     async fn oldest_pod(&self, w: &WorkloadRef) -> Result<Option<Timestamp>>;
+}
+
+/// Finds the consumers of the value in one namespace.
+#[async_trait]
+pub trait ConsumerProof: Send + Sync {
+    /// Everything that may consume the value carried by the Secrets
+    /// `direct` and by the targets of the ExternalSecrets `proven`, read now.
+    async fn census(&self, proven: &[String], direct: &[String]) -> Result<Census>;
+    /// Every pod of the namespace with its owner, read now.
+    async fn pods(&self) -> Result<Vec<PodUse>>;
+}
+
+#[async_trait]
+impl ConsumerProof for consumers::Consumers {
+    async fn census(&self, proven: &[String], direct: &[String]) -> Result<Census> {
+        consumers::Consumers::census(self, proven, direct).await
+    }
+    async fn pods(&self) -> Result<Vec<PodUse>> {
+        consumers::Consumers::pods(self).await
+    }
 }
 
 #[async_trait]

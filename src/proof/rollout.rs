@@ -25,6 +25,29 @@ pub struct Observed {
     pub stamped: Option<String>,
     /// Fingerprint of the pod template (changes with every restart).
     pub template: String,
+    /// Why a rollout of it can never progress (a paused Deployment, an
+    /// `OnDelete` update strategy), if so.
+    pub stuck: Option<String>,
+    /// Other restarters configured on it (e.g. Reloader annotations).
+    pub other_restarters: Vec<String>,
+}
+
+/// Annotations by which Stakater Reloader restarts a workload on its own.
+const RELOADER_ANNOTATIONS: &[&str] = &[
+    "reloader.stakater.com/auto",
+    "reloader.stakater.com/search",
+    "secret.reloader.stakater.com/reload",
+    "secret.reloader.stakater.com/auto",
+];
+
+/// The restarters besides rekey named in a workload's annotations.
+pub fn other_restarters(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Vec<String> {
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    RELOADER_ANNOTATIONS
+        .iter()
+        .filter(|a| annotations.get(**a).is_some_and(|v| v != "false"))
+        .map(|a| format!("Reloader ({a})"))
+        .collect()
 }
 
 pub struct Workloads {
@@ -71,8 +94,13 @@ impl Workloads {
         Ok(match w.kind {
             WorkloadKind::Deployment => {
                 let d: Deployment = self.get(w).await?;
+                let other_restarters = other_restarters(&d.metadata);
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
                 Observed {
+                    stuck: spec.paused.unwrap_or(false).then(|| {
+                        format!("Deployment {} is paused (spec.paused): its pods would never be replaced", w.name)
+                    }),
+                    other_restarters,
                     stamped: stamp(&spec.template),
                     template: crate::fingerprint::of_json(&spec.template),
                     facts: RolloutFacts {
@@ -89,8 +117,14 @@ impl Workloads {
             }
             WorkloadKind::StatefulSet => {
                 let d: StatefulSet = self.get(w).await?;
+                let other_restarters = other_restarters(&d.metadata);
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
+                let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
                 Observed {
+                    stuck: on_delete.then(|| {
+                        format!("StatefulSet {} has updateStrategy OnDelete: a restart would replace none of its pods", w.name)
+                    }),
+                    other_restarters,
                     stamped: stamp(&spec.template),
                     template: crate::fingerprint::of_json(&spec.template),
                     facts: RolloutFacts {
@@ -108,8 +142,14 @@ impl Workloads {
             }
             WorkloadKind::DaemonSet => {
                 let d: DaemonSet = self.get(w).await?;
+                let other_restarters = other_restarters(&d.metadata);
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
+                let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
                 Observed {
+                    stuck: on_delete.then(|| {
+                        format!("DaemonSet {} has updateStrategy OnDelete: a restart would replace none of its pods", w.name)
+                    }),
+                    other_restarters,
                     stamped: stamp(&spec.template),
                     template: crate::fingerprint::of_json(&spec.template),
                     facts: RolloutFacts {

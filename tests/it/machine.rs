@@ -28,7 +28,8 @@ use rekey::machine::{self, Context, Providers};
 use rekey::plan::{SourcePlan, TargetPlan};
 use rekey::proof::eso::SyncState;
 use rekey::proof::rollout::Observed;
-use rekey::proof::{RolloutProof, SyncProof};
+use rekey::decide::consumers::{Census, PodUse};
+use rekey::proof::{ConsumerProof, RolloutProof, SyncProof};
 use rekey::source::{CredentialSource, Invalidation};
 use rekey::store::Store;
 use rekey::value::SecretValue;
@@ -296,6 +297,8 @@ impl RolloutProof for FakeRollouts {
             },
             stamped: w.stamp.clone(),
             template: format!("template-{}", w.rollouts),
+            stuck: None,
+            other_restarters: vec![],
         })
     }
     async fn restart(&self, _w: &WorkloadRef, _annotation: &str, rotation_id: &str) -> Result<()> {
@@ -331,6 +334,22 @@ impl Providers for FakeProviders {
     }
     fn rollouts(&self, _: &str) -> Arc<dyn RolloutProof> {
         Arc::new(FakeRollouts(self.0.clone()))
+    }
+    fn consumers(&self, _: &str) -> Arc<dyn ConsumerProof> {
+        Arc::new(NoOtherConsumers)
+    }
+}
+
+/// The fake workload is the only consumer, and its pods all run the new value.
+struct NoOtherConsumers;
+
+#[async_trait]
+impl ConsumerProof for NoOtherConsumers {
+    async fn census(&self, _proven: &[String], _direct: &[String]) -> Result<Census> {
+        Ok(Census::default())
+    }
+    async fn pods(&self) -> Result<Vec<PodUse>> {
+        Ok(vec![])
     }
 }
 

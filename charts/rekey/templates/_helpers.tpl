@@ -28,14 +28,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, patch, delete]
-# ExternalSecrets: checked in Preflight, annotated to request a refresh.
+# ExternalSecrets: checked in Preflight, annotated to request a refresh,
+# listed to find others that pull the same key, watched (metadata) while a
+# rotation waits on them.
 - apiGroups: [external-secrets.io]
   resources: [externalsecrets]
-  verbs: [get, patch]
-# Workloads: observed for rollout proof, stamped to restart (Trigger mode).
+  verbs: [get, list, watch, patch]
+# Workloads: observed for rollout proof, stamped to restart (Trigger mode),
+# listed for consumer discovery, watched while a rotation waits on them.
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
-  verbs: [get, patch]
+  verbs: [get, list, watch, patch]
+# Consumer discovery and the drain proof: pods (reduced at once to owner
+# and Secret names) and their owners, only where a rotation is in progress.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [list, watch]
+- apiGroups: [batch]
+  resources: [jobs, cronjobs]
+  verbs: [list, watch]
 # Leases: one claim per store entry, ExternalSecret and workload, so two
 # rotations of one thing take turns.
 - apiGroups: [coordination.k8s.io]
