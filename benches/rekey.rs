@@ -6,15 +6,20 @@
 //! Scenarios of this revision (issue 13 parts 3 and 4; the others follow):
 //! - **latency**: 50 rotations of the usual scene (webhook source, one
 //!   ExternalSecret, one Deployment of 2 replicas), one after the other, with
-//!   the default `--poll=2s`. A watcher records when ESO saw rekey's refresh
-//!   request, when the synced Secret changed, when the Deployment got its
-//!   restart stamp and completed, and the webhook records the invalidate
-//!   call. Latency added by rekey: sync → restart request, and rollout
-//!   complete → invalidate; ESO's own refresh (request → synced Secret)
-//!   beside them.
+//!   the default `--poll` (`POLL`). A watcher records when ESO saw rekey's
+//!   refresh request, when the synced Secret changed, when the Deployment
+//!   got its restart stamp and completed and when each of its pods was
+//!   deleted, and the webhook records the invalidate call. Latency added by
+//!   rekey: sync → restart request, and rollout complete (or, when later,
+//!   the last old pod gone) → invalidate; ESO's own refresh (request →
+//!   synced Secret) beside them.
 //! - **api**: rekey's requests to the API server per rotation, by verb and
-//!   resource, from the audit log (user agent `rekey/`), and per idle minute
-//!   with 100 Succeeded SecretRotations.
+//!   resource, from the audit log (user agent `rekey/`), per idle minute
+//!   with 100 Succeeded SecretRotations, and per minute with 100 rotations
+//!   waiting for a restart that does not come (`restart: Await`).
+//! - **memory**: rekey's resident memory with 5,000 unrelated pods in
+//!   another namespace (rekey must not cache them), before and after the
+//!   rotations.
 
 use rekey_testenv as common;
 
@@ -37,6 +42,10 @@ use serde_json::{Value, json};
 const REKEY: &str = env!("CARGO_BIN_EXE_rekey");
 const ROTATIONS: usize = 50;
 const STAMP: &str = "rotation.rekey.dev/app-secret";
+/// rekey's default `--poll` (2s before the waits were event-driven).
+const POLL: &str = "30s";
+/// Unrelated pods in another namespace (issue 11: no cluster-wide cache).
+const UNRELATED_PODS: usize = 5000;
 
 /// First time (ms since the start) each value of something was seen.
 #[derive(Default)]
@@ -46,6 +55,8 @@ struct Seen {
     refresh_token: BTreeMap<String, f64>,
     stamp: BTreeMap<String, f64>,
     complete: BTreeMap<String, f64>,
+    /// When each pod of the Deployment disappeared.
+    pods_gone: Vec<f64>,
     issued: BTreeMap<String, String>,
     invalidated: BTreeMap<String, f64>,
 }
@@ -108,6 +119,19 @@ async fn watch_deployment(client: Client, ns: String, seen: Shared) {
         first(&mut seen.stamp, stamp.clone(), at);
         if complete {
             first(&mut seen.complete, stamp, at);
+        }
+    }
+}
+
+async fn watch_pods(client: Client, ns: String, seen: Shared) {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &ns);
+    let cfg = watcher::Config::default().labels("app=app");
+    let mut events = watcher::watcher(api, cfg).boxed();
+    while let Some(Ok(event)) = events.next().await {
+        if let watcher::Event::Delete(_) = event {
+            let mut seen = seen.lock().unwrap();
+            let at = seen.now();
+            seen.pods_gone.push(at);
         }
     }
 }
@@ -235,8 +259,15 @@ fn latencies(seen_now: &Seen) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         ) else {
             continue;
         };
+        // The last pod of the old revision gone before the invalidation.
+        let last_gone = seen_now
+            .pods_gone
+            .iter()
+            .copied()
+            .filter(|t| t > restart && t <= invalidate)
+            .fold(*complete, f64::max);
         added_restart.push(restart - sync);
-        added_invalidate.push(invalidate - complete);
+        added_invalidate.push(invalidate - last_gone);
         eso_refresh.push(sync - refresh);
     }
     (added_restart, added_invalidate, eso_refresh)
@@ -257,13 +288,15 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
     }));
     tokio::spawn(watch_secret(client.clone(), ns.clone(), seen.clone()));
     tokio::spawn(watch_deployment(client.clone(), ns.clone(), seen.clone()));
+    tokio::spawn(watch_pods(client.clone(), ns.clone(), seen.clone()));
     tokio::spawn(watch_external_secret(
         client.clone(),
         ns.clone(),
         seen.clone(),
     ));
     let url = webhook(seen.clone()).await;
-    let args = ["--poll=2s", "--starts-per-minute=0"];
+    let poll = format!("--poll={POLL}");
+    let args = [poll.as_str(), "--starts-per-minute=0"];
     let op = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &args);
     common::wait_for("rekey watching", Duration::from_secs(60), || async {
         audit::requests(&c.audit_log(), "rekey/")
@@ -271,6 +304,10 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
             .any(|r| r.verb == "watch")
     })
     .await;
+    let rss_start = op.rss_kib();
+    let unrelated_s = unrelated_pods(&client).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_unrelated = op.rss_kib();
     let before = audit::requests(&c.audit_log(), "rekey/").len();
 
     // Latency: rotations one after the other.
@@ -312,6 +349,17 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
         .await;
     }
     let rotations_s = started.elapsed().as_secs_f64();
+    let rss_after = op.rss_kib();
+    results.insert(
+        "memory",
+        json!({
+            "unrelated_pods": UNRELATED_PODS,
+            "unrelated_pods_created_s": unrelated_s,
+            "rss_kib_start": rss_start,
+            "rss_kib_with_unrelated_pods": rss_unrelated,
+            "rss_kib_after_rotations": rss_after,
+        }),
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let all = audit::requests(&c.audit_log(), "rekey/");
     let rotation_requests = &all[before..];
@@ -334,7 +382,7 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
             "measured": added_restart.len(),
             "failed_in_last_10": failed,
             "wall_s": rotations_s,
-            "poll": "2s",
+            "poll": POLL,
             "sync_to_restart_request": summary(&added_restart),
             "rollout_complete_to_invalidate": summary(&added_invalidate),
             "eso_refresh_request_to_synced_secret": summary(&eso_refresh),
@@ -373,9 +421,12 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
         .into_iter()
         .skip(idle_from)
         .collect();
+    let waiting = waiting_minute(c, &client, &ns).await;
     results.insert(
         "api",
         json!({
+            "waiting_minute_100_rotations": audit::by_verb_and_resource(&waiting),
+            "waiting_minute_total": waiting.len(),
             "per_rotation_total": rotation_requests.len() as f64 / ROTATIONS as f64,
             "per_rotation_writes": writes,
             "per_rotation": per_rotation,
@@ -385,6 +436,82 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
         }),
     );
     drop(op);
+}
+
+/// Creates `UNRELATED_PODS` pods that no scheduler takes, in a namespace
+/// of their own; returns how long that took (s).
+async fn unrelated_pods(client: &Client) -> f64 {
+    let started = Instant::now();
+    let ns = common::namespace(client, "unrelated").await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let created = futures::stream::iter(0..UNRELATED_PODS)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod = serde_json::from_value(json!({
+                    "metadata": {"name": format!("unrelated-{i}"), "labels": {"app": "unrelated"}},
+                    "spec": {"schedulerName": "nobody", "containers": [{
+                        "name": "c", "image": "example.invalid/c:1",
+                        "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "unrelated", "key": "k"}}}]}]}
+                }))
+                .unwrap();
+                pods.create(&Default::default(), &pod).await.is_ok()
+            }
+        })
+        .buffer_unordered(16)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    assert_eq!(created, UNRELATED_PODS);
+    started.elapsed().as_secs_f64()
+}
+
+/// The requests rekey makes in one minute while 100 rotations wait for a
+/// restart nobody makes (`restart: Await`, one Deployment of 0 replicas each).
+async fn waiting_minute(c: &common::Cluster, client: &Client, ns: &str) -> Vec<audit::Request> {
+    for i in 0..100 {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": format!("waits-{i}")},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": format!("waits-{i}")}},
+                "template": {"metadata": {"labels": {"app": format!("waits-{i}")}},
+                    "spec": {"containers": [{"name": "c", "image": "example.invalid/c:1"}]}}}
+        }))
+        .unwrap();
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .create(&Default::default(), &d)
+            .await
+            .unwrap();
+        let spec = json!({
+            "credential": {"generated": {}},
+            "oldValueValidFor": "30m",
+            "targets": [{"name": "main", "kubernetesSecret": {"name": format!("waits-{i}"), "key": "k"}}],
+            "proof": {"workloads": [{"kind": "Deployment", "name": format!("waits-{i}")}], "restart": "Await", "timeout": "20m"}
+        });
+        create_rotation(client, ns, &format!("waits-{i}"), spec).await;
+    }
+    common::wait_for(
+        "100 rotations awaiting the rollout",
+        Duration::from_secs(300),
+        || async {
+            let all = Api::<rekey::crd::SecretRotation>::namespaced(client.clone(), ns)
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items;
+            all.iter()
+                .filter(|sr| phase_of(sr) == Some(Phase::AwaitingRollout))
+                .count()
+                == 100
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let from = audit::requests(&c.audit_log(), "rekey/").len();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    audit::requests(&c.audit_log(), "rekey/")
+        .into_iter()
+        .skip(from)
+        .collect()
 }
 
 fn table(r: &BTreeMap<&'static str, Value>) -> String {
@@ -406,7 +533,7 @@ fn table(r: &BTreeMap<&'static str, Value>) -> String {
         "p50 ≤ 100 ms, p99 ≤ 1 s",
     );
     row(
-        "added: rollout complete → invalidate",
+        "added: rollout complete and last old pod gone → invalidate",
         ms(&l["rollout_complete_to_invalidate"]),
         "p50 ≤ 100 ms, p99 ≤ 1 s",
     );
@@ -442,6 +569,22 @@ fn table(r: &BTreeMap<&'static str, Value>) -> String {
             a["idle_minute_writes"], a["idle_minute_reads_beyond_watch"]
         ),
         "0 / 0",
+    );
+    row(
+        "a minute with 100 rotations waiting for a restart: requests",
+        format!("{}", a["waiting_minute_total"]),
+        "",
+    );
+    let m = &r["memory"];
+    row(
+        "rekey RSS: start / with 5,000 unrelated pods / after the rotations",
+        format!(
+            "{} / {} / {} MiB",
+            m["rss_kib_start"].as_u64().unwrap_or(0) / 1024,
+            m["rss_kib_with_unrelated_pods"].as_u64().unwrap_or(0) / 1024,
+            m["rss_kib_after_rotations"].as_u64().unwrap_or(0) / 1024
+        ),
+        "",
     );
     format!("| measure | figure | target |\n|---|---|---|\n{out}")
 }

@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
+use futures::channel::mpsc::{UnboundedSender, unbounded};
 use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
@@ -29,13 +30,12 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use futures::channel::mpsc::{UnboundedSender, unbounded};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::crd::{ConsumerHandlingMode, SecretRotation, WorkloadKind};
+use crate::crd::{ConsumerHandlingMode, Phase, SecretRotation, WorkloadKind};
 use crate::decide::consumers::{ConsumerRef, PodUse, secrets_read_by};
-use crate::proof::consumers::{Owners, controller_of};
+use crate::proof::consumers::{Owners, controller_of, finished};
 use crate::proof::eso::external_secret_resource;
 
 /// What one waiting rotation waits on.
@@ -48,12 +48,23 @@ pub struct Interest {
 }
 
 impl Interest {
-    pub fn of(spec: &crate::crd::SecretRotationSpec) -> Self {
+    /// What a rotation in `phase` waits on: the ExternalSecrets while it
+    /// awaits the sync (or a rollback's), the workloads' and awaited
+    /// consumers' pods while it awaits the rollout and the drain, both at
+    /// the final re-check; nothing in the other phases (its own
+    /// SecretRotation's changes wake it anyway).
+    pub fn of(spec: &crate::crd::SecretRotationSpec, phase: Phase) -> Self {
         let proof = &spec.proof;
         let kind = |k: WorkloadKind| format!("{k:?}");
-        Self {
-            external_secrets: proof.external_secrets.iter().map(|e| e.name.clone()).collect(),
-            owners: proof
+        let external_secrets = || {
+            proof
+                .external_secrets
+                .iter()
+                .map(|e| e.name.clone())
+                .collect()
+        };
+        let owners = || {
+            proof
                 .workloads
                 .iter()
                 .map(|w| ConsumerRef::new(kind(w.kind), &w.name))
@@ -64,8 +75,30 @@ impl Interest {
                         .filter(|c| c.handling == ConsumerHandlingMode::Await)
                         .map(|c| ConsumerRef::new(&c.kind, &c.name)),
                 )
-                .collect(),
+                .collect()
+        };
+        match phase {
+            Phase::AwaitingSync | Phase::RollingBack => Self {
+                external_secrets: external_secrets(),
+                ..Self::default()
+            },
+            Phase::AwaitingRollout => Self {
+                owners: owners(),
+                ..Self::default()
+            },
+            Phase::Invalidating => Self {
+                external_secrets: external_secrets(),
+                owners: owners(),
+            },
+            _ => Self::default(),
         }
+    }
+
+    /// Whether a rotation in `phase` needs the namespace's watches (and its
+    /// pod index): from Preflight until it ends, but not while it waits
+    /// for a person to approve.
+    pub fn needs_watches(phase: Phase) -> bool {
+        !matches!(phase, Phase::Pending | Phase::AwaitingApproval)
     }
 }
 
@@ -129,7 +162,10 @@ impl Wake {
     }
 
     /// The wake-ups for the controller of `namespace` (None: every namespace).
-    pub fn route(&self, namespace: Option<String>) -> impl Stream<Item = ObjectRef<SecretRotation>> + use<> {
+    pub fn route(
+        &self,
+        namespace: Option<String>,
+    ) -> impl Stream<Item = ObjectRef<SecretRotation>> + use<> {
         let (tx, rx) = unbounded();
         self.routes.lock().unwrap().push((namespace, tx));
         rx
@@ -254,13 +290,20 @@ impl Shared {
 }
 
 /// Wakes the rotations that name the object.
-fn named<K: Resource>(s: &Shared, kind: &'static str) -> impl FnMut(Event<PartialObjectMeta<K>>) + use<K> {
+fn named<K: Resource>(
+    s: &Shared,
+    kind: &'static str,
+) -> impl FnMut(Event<PartialObjectMeta<K>>) + use<K> {
     let s = s.clone();
     move |e| s.on_named(kind, e)
 }
 
 /// Keeps ReplicaSet → Deployment, Job → CronJob in the index.
-fn owners<K: Resource>(s: &Shared, kind: &'static str, slot: usize) -> impl FnMut(Event<PartialObjectMeta<K>>) + use<K> {
+fn owners<K: Resource>(
+    s: &Shared,
+    kind: &'static str,
+    slot: usize,
+) -> impl FnMut(Event<PartialObjectMeta<K>>) + use<K> {
     let s = s.clone();
     move |e| {
         let listed = matches!(e, Event::InitDone);
@@ -325,6 +368,11 @@ fn spawn_pods(api: Api<Pod>, s: Shared) -> JoinHandle<()> {
                     let name = p.metadata.name.clone().unwrap_or_default();
                     let direct = controller_of(&p.metadata);
                     touched = Some(direct.clone().map(|d| index.owners.top(&name, Some(d))));
+                    if finished(p) {
+                        // Its containers ended: it holds no value any more.
+                        index.pods.remove(&name);
+                        return;
+                    }
                     index.pods.insert(
                         name,
                         IndexedPod {

@@ -294,6 +294,9 @@ pub struct RotationSummary {
     pub phases: Vec<PhaseTiming>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
+    /// The consumers found at Preflight and how each was covered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerStatus>,
     /// Whether the previous value was written back (onFailure: Rollback).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rolled_back: bool,

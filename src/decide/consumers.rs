@@ -94,11 +94,23 @@ impl Coverage {
 pub fn secrets_read_by(spec: &PodSpec) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let containers = spec.containers.iter().map(|c| (&c.env, &c.env_from));
-    let init = spec.init_containers.iter().flatten().map(|c| (&c.env, &c.env_from));
-    let ephemeral = spec.ephemeral_containers.iter().flatten().map(|c| (&c.env, &c.env_from));
+    let init = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| (&c.env, &c.env_from));
+    let ephemeral = spec
+        .ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|c| (&c.env, &c.env_from));
     for (env, env_from) in containers.chain(init).chain(ephemeral) {
         for e in env.iter().flatten() {
-            if let Some(r) = e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()) {
+            if let Some(r) = e
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref())
+            {
                 names.insert(r.name.clone());
             }
         }
@@ -255,7 +267,13 @@ mod tests {
         let found: Vec<String> = secrets_read_by(&spec).into_iter().collect();
         assert_eq!(
             found,
-            ["by-env", "by-env-from", "by-init", "by-projected", "by-volume"]
+            [
+                "by-env",
+                "by-env-from",
+                "by-init",
+                "by-projected",
+                "by-volume"
+            ]
         );
     }
 
@@ -264,14 +282,44 @@ mod tests {
         let census = Census {
             carriers: ["app-creds".to_string()].into(),
             pods: vec![
-                pod("Deployment", "app", &["app-creds"], "2026-01-01T00:00:00Z", false),
-                pod("Deployment", "other", &["app-creds"], "2026-01-01T00:00:00Z", false),
-                pod("Deployment", "unrelated", &["db"], "2026-01-01T00:00:00Z", false),
-                pod("Pod", "debug", &["app-creds"], "2026-01-01T00:00:00Z", false),
+                pod(
+                    "Deployment",
+                    "app",
+                    &["app-creds"],
+                    "2026-01-01T00:00:00Z",
+                    false,
+                ),
+                pod(
+                    "Deployment",
+                    "other",
+                    &["app-creds"],
+                    "2026-01-01T00:00:00Z",
+                    false,
+                ),
+                pod(
+                    "Deployment",
+                    "unrelated",
+                    &["db"],
+                    "2026-01-01T00:00:00Z",
+                    false,
+                ),
+                pod(
+                    "Pod",
+                    "debug",
+                    &["app-creds"],
+                    "2026-01-01T00:00:00Z",
+                    false,
+                ),
             ],
             templates: vec![
-                (ConsumerRef::new("CronJob", "nightly"), ["app-creds".to_string()].into()),
-                (ConsumerRef::new("StatefulSet", "idle"), ["app-creds".to_string()].into()),
+                (
+                    ConsumerRef::new("CronJob", "nightly"),
+                    ["app-creds".to_string()].into(),
+                ),
+                (
+                    ConsumerRef::new("StatefulSet", "idle"),
+                    ["app-creds".to_string()].into(),
+                ),
             ],
             other_external_secrets: vec![ConsumerRef::new("ExternalSecret", "copy")],
         };
@@ -285,17 +333,50 @@ mod tests {
     fn only_old_pods_of_restarted_or_awaited_consumers_must_drain() {
         let synced: Timestamp = "2026-01-01T00:01:00.600Z".parse().unwrap();
         let pods = vec![
-            pod("Deployment", "app", &["app-creds"], "2026-01-01T00:00:00Z", true),
-            pod("Deployment", "app", &["app-creds"], "2026-01-01T00:01:00Z", false),
-            pod("CronJob", "nightly", &["app-creds"], "2026-01-01T00:00:30Z", false),
-            pod("Pod", "debug", &["app-creds"], "2026-01-01T00:00:00Z", false),
-            pod("Deployment", "other", &["app-creds"], "2026-01-01T00:00:00Z", false),
+            pod(
+                "Deployment",
+                "app",
+                &["app-creds"],
+                "2026-01-01T00:00:00Z",
+                true,
+            ),
+            pod(
+                "Deployment",
+                "app",
+                &["app-creds"],
+                "2026-01-01T00:01:00Z",
+                false,
+            ),
+            pod(
+                "CronJob",
+                "nightly",
+                &["app-creds"],
+                "2026-01-01T00:00:30Z",
+                false,
+            ),
+            pod(
+                "Pod",
+                "debug",
+                &["app-creds"],
+                "2026-01-01T00:00:00Z",
+                false,
+            ),
+            pod(
+                "Deployment",
+                "other",
+                &["app-creds"],
+                "2026-01-01T00:00:00Z",
+                false,
+            ),
         ];
         let left = draining(&pods, &proof(), synced);
         assert_eq!(
             describe_draining(&left).unwrap(),
             "2 pods that started before the new value was synced still running or terminating: CronJob nightly (1), Deployment app (1)"
         );
-        assert_eq!(describe_draining(&draining(&pods[1..2], &proof(), synced)), None);
+        assert_eq!(
+            describe_draining(&draining(&pods[1..2], &proof(), synced)),
+            None
+        );
     }
 }

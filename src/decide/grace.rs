@@ -134,6 +134,7 @@ mod tests {
             failure: None,
             started_at: None,
             finished_at: None,
+            consumers: vec![],
             duration_seconds: sync + rollout,
             phases: vec![
                 PhaseTiming {

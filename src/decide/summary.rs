@@ -32,6 +32,7 @@ pub fn summarize(
         duration_seconds: seconds_between(started, now),
         phases: rotation.phases.clone(),
         targets: rotation.targets.clone(),
+        consumers: rotation.consumers.clone(),
         rolled_back: result == Phase::Failed && rotation.rolled_back,
         grace_exceeded: rotation
             .issued_at

@@ -16,9 +16,11 @@ use crate::wake::Interest;
 pub(super) async fn reconcile(mut v: View) -> Result<Action> {
     if let Some(wake) = v.ctx.wake.clone() {
         // Watches wake a rotation in progress when what it waits on changes.
-        match v.status.rotation {
-            Some(_) => wake.wait_on(&v.namespace, &v.name, Interest::of(&v.sr.spec)),
-            None => wake.forget(&v.namespace, &v.name),
+        let phase = v.phase();
+        if v.status.rotation.is_some() && Interest::needs_watches(phase) {
+            wake.wait_on(&v.namespace, &v.name, Interest::of(&v.sr.spec, phase));
+        } else {
+            wake.forget(&v.namespace, &v.name);
         }
     }
     if v.status.rotation.is_none() {
@@ -53,7 +55,9 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
                 v.set_rotating(&format!("retrying after error: {e}"));
                 v.write_status().await?;
                 Ok(Action::requeue(
-                    v.ctx.poll.clamp(Duration::from_secs(2), Duration::from_secs(10)),
+                    v.ctx
+                        .poll
+                        .clamp(Duration::from_secs(2), Duration::from_secs(10)),
                 ))
             }
             OnTransient::GiveUp => {

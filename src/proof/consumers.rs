@@ -41,6 +41,13 @@ impl Owners {
     }
 }
 
+/// Whether a pod's containers all ended (phase Succeeded or Failed): it
+/// holds no value any more.
+pub fn finished(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded" | "Failed"))
+}
+
 /// What rekey keeps of a pod (its owner resolved through `owners`).
 pub fn pod_use(pod: &Pod, owners: &Owners) -> PodUse {
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -55,11 +62,17 @@ pub fn pod_use(pod: &Pod, owners: &Owners) -> PodUse {
 /// The (secret store, remote key) pairs an ExternalSecret pulls.
 pub fn remote_keys(es: &Value) -> BTreeSet<(String, String)> {
     let store = |v: &Value| {
-        let kind = v.pointer("/kind").and_then(Value::as_str).unwrap_or("SecretStore");
+        let kind = v
+            .pointer("/kind")
+            .and_then(Value::as_str)
+            .unwrap_or("SecretStore");
         let name = v.pointer("/name").and_then(Value::as_str).unwrap_or("");
         format!("{kind}/{name}")
     };
-    let default_store = es.pointer("/spec/secretStoreRef").map(store).unwrap_or_default();
+    let default_store = es
+        .pointer("/spec/secretStoreRef")
+        .map(store)
+        .unwrap_or_default();
     let mut keys = BTreeSet::new();
     let mut add = |entry: &Value, remote: Option<&Value>| {
         if let Some(key) = remote.and_then(|r| r.get("key")).and_then(Value::as_str) {
@@ -70,10 +83,20 @@ pub fn remote_keys(es: &Value) -> BTreeSet<(String, String)> {
             keys.insert((store, key.to_string()));
         }
     };
-    for d in es.pointer("/spec/data").and_then(Value::as_array).into_iter().flatten() {
+    for d in es
+        .pointer("/spec/data")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         add(d, d.get("remoteRef"));
     }
-    for d in es.pointer("/spec/dataFrom").and_then(Value::as_array).into_iter().flatten() {
+    for d in es
+        .pointer("/spec/dataFrom")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         add(d, d.get("extract"));
     }
     keys
@@ -133,46 +156,112 @@ impl Consumers {
         Ok(Owners { of })
     }
 
-    /// Every pod of the namespace with its owner, read now.
+    /// Every pod of the namespace that has not finished, with its owner,
+    /// read now.
     pub async fn pods(&self) -> Result<Vec<PodUse>> {
         let owners = self.owners().await?;
-        let pods = self.api::<Pod>().list(&ListParams::default()).await.map_err(list_error("list pods"))?;
-        Ok(pods.items.iter().map(|p| pod_use(p, &owners)).collect())
+        let pods = self
+            .api::<Pod>()
+            .list(&ListParams::default())
+            .await
+            .map_err(list_error("list pods"))?;
+        Ok(pods
+            .items
+            .iter()
+            .filter(|p| !finished(p))
+            .map(|p| pod_use(p, &owners))
+            .collect())
     }
 
-    /// Everything in the namespace that may consume the value carried by
-    /// the Secrets `direct` and by the targets of ExternalSecrets `proven`,
-    /// read now.
+    /// What in the namespace, besides pods, may consume the value carried
+    /// by the Secrets `direct` and by the targets of ExternalSecrets
+    /// `proven`, read now (`Census::pods` is left empty).
     pub async fn census(&self, proven: &[String], direct: &[String]) -> Result<Census> {
         let lp = ListParams::default();
-        let pods = self.pods().await?;
         let mut templates = vec![];
-        let named = |kind: &str, meta: &ObjectMeta| ConsumerRef::new(kind, meta.name.clone().unwrap_or_default());
-        for d in self.api::<Deployment>().list(&lp).await.map_err(list_error("list deployments"))?.items {
+        let named = |kind: &str, meta: &ObjectMeta| {
+            ConsumerRef::new(kind, meta.name.clone().unwrap_or_default())
+        };
+        for d in self
+            .api::<Deployment>()
+            .list(&lp)
+            .await
+            .map_err(list_error("list deployments"))?
+            .items
+        {
             let spec = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-            templates.push((named("Deployment", &d.metadata), spec.map(secrets_read_by).unwrap_or_default()));
+            templates.push((
+                named("Deployment", &d.metadata),
+                spec.map(secrets_read_by).unwrap_or_default(),
+            ));
         }
-        for d in self.api::<StatefulSet>().list(&lp).await.map_err(list_error("list statefulsets"))?.items {
+        for d in self
+            .api::<StatefulSet>()
+            .list(&lp)
+            .await
+            .map_err(list_error("list statefulsets"))?
+            .items
+        {
             let spec = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-            templates.push((named("StatefulSet", &d.metadata), spec.map(secrets_read_by).unwrap_or_default()));
+            templates.push((
+                named("StatefulSet", &d.metadata),
+                spec.map(secrets_read_by).unwrap_or_default(),
+            ));
         }
-        for d in self.api::<DaemonSet>().list(&lp).await.map_err(list_error("list daemonsets"))?.items {
+        for d in self
+            .api::<DaemonSet>()
+            .list(&lp)
+            .await
+            .map_err(list_error("list daemonsets"))?
+            .items
+        {
             let spec = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-            templates.push((named("DaemonSet", &d.metadata), spec.map(secrets_read_by).unwrap_or_default()));
+            templates.push((
+                named("DaemonSet", &d.metadata),
+                spec.map(secrets_read_by).unwrap_or_default(),
+            ));
         }
-        for d in self.api::<CronJob>().list(&lp).await.map_err(list_error("list cronjobs"))?.items {
+        for d in self
+            .api::<CronJob>()
+            .list(&lp)
+            .await
+            .map_err(list_error("list cronjobs"))?
+            .items
+        {
             let spec = d
                 .spec
                 .job_template
                 .spec
                 .as_ref()
                 .and_then(|s| s.template.spec.as_ref());
-            templates.push((named("CronJob", &d.metadata), spec.map(secrets_read_by).unwrap_or_default()));
+            templates.push((
+                named("CronJob", &d.metadata),
+                spec.map(secrets_read_by).unwrap_or_default(),
+            ));
         }
-        let es_api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &self.namespace, &external_secret_resource());
-        let all_es = es_api.list(&lp).await.map_err(list_error("list externalsecrets"))?.items;
-        let is_proven = |es: &DynamicObject| es.metadata.name.as_ref().is_some_and(|n| proven.contains(n));
+        // Other ExternalSecrets matter only beside proven ones (the keys
+        // they pull); without any, ESO need not even be installed.
+        let all_es = match proven {
+            [] => vec![],
+            _ => {
+                let es_api: Api<DynamicObject> = Api::namespaced_with(
+                    self.client.clone(),
+                    &self.namespace,
+                    &external_secret_resource(),
+                );
+                es_api
+                    .list(&lp)
+                    .await
+                    .map_err(list_error("list externalsecrets"))?
+                    .items
+            }
+        };
+        let is_proven = |es: &DynamicObject| {
+            es.metadata
+                .name
+                .as_ref()
+                .is_some_and(|n| proven.contains(n))
+        };
         let mut carriers: BTreeSet<String> = direct.iter().cloned().collect();
         let mut pulled = BTreeSet::new();
         for es in all_es.iter().filter(|es| is_proven(es)) {
@@ -187,7 +276,7 @@ impl Consumers {
             .collect();
         Ok(Census {
             carriers,
-            pods,
+            pods: vec![],
             templates,
             other_external_secrets,
         })

@@ -57,10 +57,12 @@ pub trait RolloutProof: Send + Sync {
 /// Finds the consumers of the value in one namespace.
 #[async_trait]
 pub trait ConsumerProof: Send + Sync {
-    /// Everything that may consume the value carried by the Secrets
-    /// `direct` and by the targets of the ExternalSecrets `proven`, read now.
+    /// What, besides pods, may consume the value carried by the Secrets
+    /// `direct` and by the targets of the ExternalSecrets `proven`, read now
+    /// (`Census::pods` is left empty).
     async fn census(&self, proven: &[String], direct: &[String]) -> Result<Census>;
-    /// Every pod of the namespace with its owner, read now.
+    /// Every pod of the namespace that has not finished, with its owner,
+    /// read now.
     async fn pods(&self) -> Result<Vec<PodUse>>;
 }
 

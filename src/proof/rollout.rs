@@ -41,7 +41,9 @@ const RELOADER_ANNOTATIONS: &[&str] = &[
 ];
 
 /// The restarters besides rekey named in a workload's annotations.
-pub fn other_restarters(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Vec<String> {
+pub fn other_restarters(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Vec<String> {
     let annotations = meta.annotations.clone().unwrap_or_default();
     RELOADER_ANNOTATIONS
         .iter()
@@ -119,7 +121,11 @@ impl Workloads {
                 let d: StatefulSet = self.get(w).await?;
                 let other_restarters = other_restarters(&d.metadata);
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
-                let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
+                let on_delete = spec
+                    .update_strategy
+                    .as_ref()
+                    .and_then(|u| u.type_.as_deref())
+                    == Some("OnDelete");
                 Observed {
                     stuck: on_delete.then(|| {
                         format!("StatefulSet {} has updateStrategy OnDelete: a restart would replace none of its pods", w.name)
@@ -144,7 +150,11 @@ impl Workloads {
                 let d: DaemonSet = self.get(w).await?;
                 let other_restarters = other_restarters(&d.metadata);
                 let (spec, s) = (d.spec.unwrap_or_default(), d.status.unwrap_or_default());
-                let on_delete = spec.update_strategy.as_ref().and_then(|u| u.type_.as_deref()) == Some("OnDelete");
+                let on_delete = spec
+                    .update_strategy
+                    .as_ref()
+                    .and_then(|u| u.type_.as_deref())
+                    == Some("OnDelete");
                 Observed {
                     stuck: on_delete.then(|| {
                         format!("DaemonSet {} has updateStrategy OnDelete: a restart would replace none of its pods", w.name)

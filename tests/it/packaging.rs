@@ -210,7 +210,7 @@ async fn each_rbac_rule_is_needed() {
     let rules = full.rules.clone().unwrap();
     assert_eq!(
         rules.len(),
-        7,
+        10,
         "update this test when the chart's rules change"
     );
     let kubeconfig = service_account_kubeconfig(c, &release_ns);

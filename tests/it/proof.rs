@@ -323,10 +323,11 @@ async fn templated_keys_are_checked_at_preflight_and_proven_by_containment() {
     })
     .await;
     let op = Operator::start(REKEY, c, &ns);
+    // app-creds pulls the same key as dsn: it is proven too (issue 11).
     let with_proof = |proof: Value| {
         let mut spec = rotation_spec(json!({"generated": {}}));
-        spec["proof"]["externalSecrets"] = json!([proof]);
-        spec["proof"]["workloads"] = json!([]);
+        spec["proof"]["externalSecrets"] =
+            json!([{"name": "app-creds", "key": "client_secret"}, proof]);
         spec
     };
     create_rotation(

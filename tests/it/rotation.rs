@@ -165,9 +165,9 @@ async fn generated_value_rotates_through_eso_and_rollout() {
 /// Records webhook calls; at the moment of the invalidate call it also
 /// records what the cluster looked like.
 #[derive(Default, Clone)]
-struct WebhookLog {
-    issued: Vec<(String, String)>,
-    invalidated: Vec<(String, Instant, Option<String>, bool)>,
+pub(crate) struct WebhookLog {
+    pub(crate) issued: Vec<(String, String)>,
+    pub(crate) invalidated: Vec<(String, Instant, Option<String>, bool)>,
 }
 
 fn idempotency_key(headers: &axum::http::HeaderMap) -> String {
@@ -179,7 +179,7 @@ fn idempotency_key(headers: &axum::http::HeaderMap) -> String {
         .to_string()
 }
 
-async fn webhook_server(
+pub(crate) async fn webhook_server(
     client: Client,
     ns: String,
     values: Vec<String>,

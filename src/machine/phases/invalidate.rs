@@ -100,10 +100,10 @@ async fn proof_lost(v: &View) -> Result<Option<String>> {
     // Consumers again, read now: one that appeared since Preflight (a new
     // Deployment, a CronJob that fired) must be covered, and no old pod of
     // a restarted or awaited consumer may be left.
-    let census = super::preflight::census(v, &plan).await?;
+    let census = super::consumers::census(v, &plan).await?;
     let uncovered = decide::consumers::uncovered(&census, &v.sr.spec.proof);
     if !uncovered.is_empty() {
-        lost.push(super::preflight::uncovered_message(&uncovered));
+        lost.push(super::consumers::uncovered_message(&uncovered));
     }
     if let Some(synced) = rot.new_value_synced_at.as_ref().map(|t| t.0) {
         let left = decide::consumers::draining(&census.pods, &v.sr.spec.proof, synced);

@@ -3,10 +3,9 @@
 use super::super::claims as claim;
 use super::super::view::View;
 use super::super::view::condition;
-use crate::crd::{ConsumerStatus, FailurePolicy, RestartMode};
-use crate::decide::consumers;
-use crate::plan::{Plan, StorePlan};
+use super::consumers;
 use crate::crd::keys::restart_annotation;
+use crate::crd::{FailurePolicy, RestartMode};
 use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::plan::{claims, host_allowed};
@@ -96,68 +95,10 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
                 .map(|r| format!("{:?} {} is also restarted by {r}", w.kind, w.name)),
         );
     }
-    let covered = consumers_covered(v, &plan).await?;
+    let covered = consumers::covered(v, &plan).await?;
     v.rotation_mut().consumers = covered;
     warn_competing_restarters(v, &competing);
     Ok(Outcome::Done)
-}
-
-/// Finds every consumer of the value in the namespace; refuses one the
-/// proof does not cover, and returns how each is covered.
-async fn consumers_covered(v: &View, plan: &Plan) -> Result<Vec<ConsumerStatus>> {
-    let proof = &v.sr.spec.proof;
-    let census = census(v, plan).await?;
-    let uncovered = consumers::uncovered(&census, proof);
-    if !uncovered.is_empty() {
-        return Err(Error::permanent(
-            Reason::UncoveredConsumer,
-            uncovered_message(&uncovered),
-        ));
-    }
-    Ok(consumers::consumers(&census)
-        .into_iter()
-        .filter_map(|c| {
-            let handling = consumers::coverage(&c, proof)?.as_str().to_string();
-            Some(ConsumerStatus {
-                kind: c.kind,
-                name: c.name,
-                handling,
-            })
-        })
-        .collect())
-}
-
-/// The namespace's consumers of the value, read now.
-pub async fn census(v: &View, plan: &Plan) -> Result<consumers::Census> {
-    let proven: Vec<String> = v
-        .sr
-        .spec
-        .proof
-        .external_secrets
-        .iter()
-        .map(|e| e.name.clone())
-        .collect();
-    let direct: Vec<String> = plan
-        .targets
-        .iter()
-        .filter(|t| !t.crosses_namespace(&v.namespace))
-        .filter_map(|t| match &t.store {
-            StorePlan::KubernetesSecret(k) => Some(k.name.clone()),
-            _ => None,
-        })
-        .collect();
-    v.ctx
-        .providers
-        .consumers(&v.namespace)
-        .census(&proven, &direct)
-        .await
-}
-
-pub fn uncovered_message(uncovered: &[consumers::ConsumerRef]) -> String {
-    format!(
-        "consumers of the value not covered by the proof: {}. Add each to proof.workloads (rekey restarts it) or to proof.consumers (handling: Await, ReloadsItself, or Accept with a reason)",
-        consumers::describe(uncovered)
-    )
 }
 
 /// A warning condition while a proven workload has another restarter.
@@ -169,9 +110,16 @@ fn warn_competing_restarters(v: &mut View, competing: &[String]) {
         return;
     }
     let hint = match v.sr.spec.proof.restart {
-        RestartMode::Trigger => "each rotation rolls it out twice; set proof.restart: Await to let the other restarter do it",
+        RestartMode::Trigger => {
+            "each rotation rolls it out twice; set proof.restart: Await to let the other restarter do it"
+        }
         RestartMode::Await => "rekey waits for that restart",
     };
     let message = format!("{}: {hint}", competing.join("; "));
-    v.set_condition(condition::COMPETING_RESTARTER, "True", "OtherRestarter", &message);
+    v.set_condition(
+        condition::COMPETING_RESTARTER,
+        "True",
+        "OtherRestarter",
+        &message,
+    );
 }

@@ -53,7 +53,7 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     }
     let mut reason = Reason::RolloutTimeout;
     if waiting.is_empty()
-        && let Some(left) = old_pods_left(v).await?
+        && let Some(left) = super::consumers::old_pods_left(v).await?
     {
         // Rolled out, but old pods still run or terminate.
         waiting.push(left);
@@ -74,20 +74,4 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         ));
     }
     Ok(Outcome::Waiting(waiting))
-}
-
-/// The drain proof: how many pods of the restarted or awaited consumers
-/// started before the new value was synced and still run or terminate.
-/// From the watch index when it is current, else read now.
-pub async fn old_pods_left(v: &View) -> Result<Option<String>> {
-    let Some(synced) = v.rotation().new_value_synced_at.as_ref().map(|t| t.0) else {
-        return Ok(None);
-    };
-    let indexed = v.ctx.wake.as_ref().and_then(|w| w.pods(&v.namespace));
-    let pods = match indexed {
-        Some(pods) => pods,
-        None => v.ctx.providers.consumers(&v.namespace).pods().await?,
-    };
-    let left = decide::consumers::draining(&pods, &v.sr.spec.proof, synced);
-    Ok(decide::consumers::describe_draining(&left))
 }

@@ -116,6 +116,19 @@ impl Operator {
         self.spawn();
     }
 
+    /// The operator's resident memory now (KiB), from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// Everything the operator logged, over every restart.
     pub fn logs(&self) -> String {
         (0..=self.restarts)

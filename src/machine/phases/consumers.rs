@@ -1,0 +1,95 @@
+//! Consumers of the value and the drain proof, for Preflight,
+//! AwaitingRollout and the final re-check before invalidation: what to
+//! read (`crate::proof::consumers`, or the watch index of `crate::wake`);
+//! the verdicts are in `crate::decide::consumers`.
+
+use super::super::view::View;
+use crate::crd::ConsumerStatus;
+use crate::decide;
+use crate::error::{Error, Result};
+use crate::plan::{Plan, StorePlan};
+use crate::reason::Reason;
+
+/// Finds every consumer of the value in the namespace; refuses one the
+/// proof does not cover, and returns how each is covered.
+pub async fn covered(v: &View, plan: &Plan) -> Result<Vec<ConsumerStatus>> {
+    let proof = &v.sr.spec.proof;
+    let census = census(v, plan).await?;
+    let uncovered = decide::consumers::uncovered(&census, proof);
+    if !uncovered.is_empty() {
+        return Err(Error::permanent(
+            Reason::UncoveredConsumer,
+            uncovered_message(&uncovered),
+        ));
+    }
+    Ok(decide::consumers::consumers(&census)
+        .into_iter()
+        .filter_map(|c| {
+            let handling = decide::consumers::coverage(&c, proof)?.as_str().to_string();
+            Some(ConsumerStatus {
+                kind: c.kind,
+                name: c.name,
+                handling,
+            })
+        })
+        .collect())
+}
+
+/// The namespace's consumers of the value: workloads, CronJobs and
+/// ExternalSecrets read now, pods as in `pods_now`.
+pub async fn census(v: &View, plan: &Plan) -> Result<decide::consumers::Census> {
+    let proven: Vec<String> =
+        v.sr.spec
+            .proof
+            .external_secrets
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+    let direct: Vec<String> = plan
+        .targets
+        .iter()
+        .filter(|t| !t.crosses_namespace(&v.namespace))
+        .filter_map(|t| match &t.store {
+            StorePlan::KubernetesSecret(k) => Some(k.name.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut census = v
+        .ctx
+        .providers
+        .consumers(&v.namespace)
+        .census(&proven, &direct)
+        .await?;
+    census.pods = pods_now(v).await?;
+    Ok(census)
+}
+
+/// Every running or terminating pod of the namespace with its owner: from
+/// the watch index once it has listed everything (it follows the API
+/// server within milliseconds), else listed now.
+pub async fn pods_now(v: &View) -> Result<Vec<decide::consumers::PodUse>> {
+    let indexed = v.ctx.wake.as_ref().and_then(|w| w.pods(&v.namespace));
+    match indexed {
+        Some(pods) => Ok(pods),
+        None => v.ctx.providers.consumers(&v.namespace).pods().await,
+    }
+}
+
+pub fn uncovered_message(uncovered: &[decide::consumers::ConsumerRef]) -> String {
+    format!(
+        "consumers of the value not covered by the proof: {}. Add each to proof.workloads (rekey restarts it) or to proof.consumers (handling: Await, ReloadsItself, or Accept with a reason)",
+        decide::consumers::describe(uncovered)
+    )
+}
+
+/// The drain proof: how many pods of the restarted or awaited consumers
+/// started before the new value was synced and still run or terminate.
+/// Pods as in `pods_now`.
+pub async fn old_pods_left(v: &View) -> Result<Option<String>> {
+    let Some(synced) = v.rotation().new_value_synced_at.as_ref().map(|t| t.0) else {
+        return Ok(None);
+    };
+    let pods = pods_now(v).await?;
+    let left = decide::consumers::draining(&pods, &v.sr.spec.proof, synced);
+    Ok(decide::consumers::describe_draining(&left))
+}
