@@ -203,9 +203,17 @@ impl Wake {
         self.namespaces.lock().unwrap().get(namespace)?.index.uses()
     }
 
-    /// Namespaces with watches running (for tests and metrics).
-    pub fn watched_namespaces(&self) -> usize {
-        self.namespaces.lock().unwrap().len()
+    /// Keeps only the rotations `keep` says still exist.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut namespaces = self.namespaces.lock().unwrap();
+        namespaces.retain(|ns, watched| {
+            watched.waiting.retain(|name, _| keep(ns, name));
+            let in_use = !watched.waiting.is_empty();
+            if !in_use {
+                watched.tasks.iter().for_each(JoinHandle::abort);
+            }
+            in_use
+        });
     }
 
     fn start(&self, ns: &str) -> Vec<JoinHandle<()>> {
@@ -407,4 +415,91 @@ fn spawn_pods(api: Api<Pod>, s: Shared) -> JoinHandle<()> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> crate::crd::SecretRotationSpec {
+        serde_json::from_value(serde_json::json!({
+            "credential": {"generated": {}},
+            "oldValueValidFor": "30m",
+            "targets": [{"name": "main", "kubernetesSecret": {"name": "source", "key": "k"}}],
+            "proof": {
+                "externalSecrets": [{"name": "app-creds", "key": "k"}],
+                "workloads": [{"kind": "Deployment", "name": "app"}],
+                "consumers": [
+                    {"kind": "CronJob", "name": "nightly", "handling": "Await"},
+                    {"kind": "Pod", "name": "debug", "handling": "Accept", "reason": "r"}
+                ]
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_rotation_is_woken_only_by_what_its_phase_waits_on() {
+        let spec = spec();
+        let sync = Interest::of(&spec, Phase::AwaitingSync);
+        assert_eq!(sync.external_secrets, ["app-creds".to_string()].into());
+        assert!(sync.owners.is_empty());
+        let rollout = Interest::of(&spec, Phase::AwaitingRollout);
+        assert!(rollout.external_secrets.is_empty());
+        assert_eq!(
+            rollout.owners,
+            [
+                ConsumerRef::new("CronJob", "nightly"),
+                ConsumerRef::new("Deployment", "app")
+            ]
+            .into(),
+            "accepted consumers wake nobody"
+        );
+        let recheck = Interest::of(&spec, Phase::Invalidating);
+        assert_eq!(
+            (recheck.external_secrets.len(), recheck.owners.len()),
+            (1, 2)
+        );
+        assert_eq!(Interest::of(&spec, Phase::Issuing), Interest::default());
+        assert!(!Interest::needs_watches(Phase::AwaitingApproval));
+        assert!(Interest::needs_watches(Phase::Preflight));
+    }
+
+    #[test]
+    fn the_index_answers_only_once_pods_and_owners_are_listed() {
+        let mut index = PodIndex::default();
+        index.pods.insert(
+            "app-7d9f-x".into(),
+            IndexedPod {
+                direct: Some(ConsumerRef::new("ReplicaSet", "app-7d9f")),
+                secrets: BTreeSet::new(),
+                created: None,
+                terminating: true,
+            },
+        );
+        index.pods.insert(
+            "debug".into(),
+            IndexedPod {
+                direct: None,
+                secrets: BTreeSet::new(),
+                created: None,
+                terminating: false,
+            },
+        );
+        index.owners.of.insert(
+            ConsumerRef::new("ReplicaSet", "app-7d9f"),
+            ConsumerRef::new("Deployment", "app"),
+        );
+        index.listed = [true, true, false];
+        assert_eq!(index.uses(), None, "Jobs not listed yet");
+        index.listed[2] = true;
+        let mut owners: Vec<String> = index
+            .uses()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.owner.to_string())
+            .collect();
+        owners.sort();
+        assert_eq!(owners, ["Deployment app", "Pod debug"]);
+    }
 }

@@ -28,8 +28,7 @@ pub(super) async fn started(v: &View, id: &str, request: Request) {
         EventType::Normal,
         "RotationRequested",
         format!("Rotation {id} requested: {}", request.as_str()),
-    )
-    .await;
+    );
 }
 
 /// Records how long the current phase took and starts the clock of the next.
@@ -69,13 +68,13 @@ pub(super) async fn advance(v: &mut View, next: Phase) -> Result<Action> {
         note.push_str(&format!(" (versions written: {})", versions.join(", ")));
     }
     info!(rotation = %rot.id, from = from.as_str(), to = next.as_str(), "phase changed");
-    v.event(EventType::Normal, next.as_str(), note).await;
+    v.event(EventType::Normal, next.as_str(), note);
     if next == Phase::AwaitingConfirmation {
         let msg = format!(
             "Rotation {}: the new value is proven. Invalidate the old value at the identity provider now, then run: kubectl annotate secretrotation -n {} {} {CONFIRM_ANNOTATION}={}",
             rot.id, v.namespace, v.name, rot.id
         );
-        v.event(EventType::Normal, "InvalidateOldValue", msg).await;
+        v.event(EventType::Normal, "InvalidateOldValue", msg);
     }
     Ok(Action::requeue(v.ctx.poll))
 }
@@ -114,5 +113,5 @@ pub(super) async fn finished(
     m.set_phase(&v.namespace, &v.name, result);
     m.grace_seconds_left.remove(&v.labels());
     let (type_, reason, note) = event;
-    v.event(type_, reason, note).await;
+    v.event(type_, reason, note);
 }

@@ -15,6 +15,7 @@
 
 mod announce;
 mod claims;
+mod events;
 mod finalizer;
 pub mod phases;
 pub mod providers;
@@ -30,6 +31,7 @@ use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, warn};
@@ -57,7 +59,8 @@ pub type StatusWritten = Arc<dyn Fn(crate::crd::Phase) + Send + Sync>;
 #[derive(Clone)]
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    /// Events about SecretRotations, published in the background.
+    pub events: events::Events,
     pub metrics: Metrics,
     /// Builds sources, stores and proofs.
     pub providers: Arc<dyn Providers>,
@@ -110,7 +113,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::Events::start(Recorder::new(client.clone(), reporter)),
             client,
             metrics,
             providers,
@@ -178,14 +181,31 @@ pub async fn run(mut ctx: Context, namespaces: Vec<String>, concurrency: u16, de
             .map(|ns| (Api::namespaced(ctx.client.clone(), ns), Some(ns.clone())))
             .collect()
     };
-    let runs = apis.into_iter().map(|(api, ns)| {
-        let config = controller::Config::default()
-            .concurrency(concurrency)
-            .debounce(debounce);
-        Controller::new(api, watcher::Config::default())
-            .with_config(config)
-            .reconcile_on(wake.route(ns))
-            .shutdown_on_signal()
+    let controllers: Vec<Controller<SecretRotation>> = apis
+        .into_iter()
+        .map(|(api, ns)| {
+            let config = controller::Config::default()
+                .concurrency(concurrency)
+                .debounce(debounce);
+            Controller::new(api, watcher::Config::default())
+                .with_config(config)
+                .reconcile_on(wake.route(ns))
+        })
+        .collect();
+    // A SecretRotation removed without its last reconcile (its finalizer
+    // taken off by hand) would keep its namespace's watches running.
+    let stores: Vec<_> = controllers.iter().map(|c| c.store()).collect();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            wake.retain(|ns, name| {
+                let key = ObjectRef::new(name).within(ns);
+                stores.iter().any(|s| s.get(&key).is_some())
+            });
+        }
+    });
+    let runs = controllers.into_iter().map(|c| {
+        c.shutdown_on_signal()
             .run(reconcile, error_policy, ctx.clone())
             .for_each(|_| async {})
     });

@@ -10,7 +10,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use tracing::warn;
 
 use super::{Context, MANAGER};
 use crate::crd::{Phase, RotationStatus, SecretRotation, SecretRotationStatus};
@@ -268,7 +267,8 @@ impl View {
         Ok(())
     }
 
-    pub async fn event(&self, type_: EventType, reason: &str, note: String) {
+    /// Publishes an Event about this SecretRotation (in the background).
+    pub fn event(&self, type_: EventType, reason: &str, note: String) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -276,13 +276,6 @@ impl View {
             action: "Rotate".into(),
             secondary: None,
         };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&event, &self.sr.object_ref(&()))
-            .await
-        {
-            warn!(error = %e, "could not publish event");
-        }
+        self.ctx.events.publish(event, self.sr.object_ref(&()));
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams};
@@ -139,15 +139,26 @@ impl Consumers {
     /// ReplicaSet → Deployment and Job → CronJob, read now (metadata only).
     pub async fn owners(&self) -> Result<Owners> {
         let lp = ListParams::default();
-        let mut of = HashMap::new();
-        let sets = self.api::<ReplicaSet>().list_metadata(&lp).await;
-        let sets = sets.map_err(list_error("list replicasets"))?.items;
-        let jobs = self.api::<Job>().list_metadata(&lp).await;
-        let jobs = jobs.map_err(list_error("list jobs"))?.items;
+        let (sets, jobs) = futures::try_join!(
+            async {
+                self.api::<ReplicaSet>()
+                    .list_metadata(&lp)
+                    .await
+                    .map_err(list_error("list replicasets"))
+            },
+            async {
+                self.api::<Job>()
+                    .list_metadata(&lp)
+                    .await
+                    .map_err(list_error("list jobs"))
+            },
+        )?;
         let metas = sets
+            .items
             .into_iter()
             .map(|m| ("ReplicaSet", m.metadata))
-            .chain(jobs.into_iter().map(|m| ("Job", m.metadata)));
+            .chain(jobs.items.into_iter().map(|m| ("Job", m.metadata)));
+        let mut of = HashMap::new();
         for (kind, meta) in metas {
             if let Some(owner) = controller_of(&meta) {
                 of.insert(ConsumerRef::new(kind, meta.name.unwrap_or_default()), owner);
@@ -159,12 +170,13 @@ impl Consumers {
     /// Every pod of the namespace that has not finished, with its owner,
     /// read now.
     pub async fn pods(&self) -> Result<Vec<PodUse>> {
-        let owners = self.owners().await?;
-        let pods = self
-            .api::<Pod>()
-            .list(&ListParams::default())
-            .await
-            .map_err(list_error("list pods"))?;
+        let lp = ListParams::default();
+        let (owners, pods) = futures::try_join!(self.owners(), async {
+            self.api::<Pod>()
+                .list(&lp)
+                .await
+                .map_err(list_error("list pods"))
+        })?;
         Ok(pods
             .items
             .iter()
@@ -173,89 +185,71 @@ impl Consumers {
             .collect())
     }
 
+    /// The pod templates of one kind of workload, with the Secrets each reads.
+    async fn templates<K>(
+        &self,
+        kind: &'static str,
+        template: impl Fn(&K) -> Option<&PodSpec>,
+    ) -> Result<Vec<(ConsumerRef, BTreeSet<String>)>>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        let list = self.api::<K>().list(&ListParams::default()).await;
+        let list = list.map_err(|e| Error::kube(&format!("list {}s", kind.to_lowercase()), e))?;
+        Ok(list
+            .items
+            .iter()
+            .map(|o| {
+                let name = o.meta().name.clone().unwrap_or_default();
+                let reads = template(o).map(secrets_read_by).unwrap_or_default();
+                (ConsumerRef::new(kind, name), reads)
+            })
+            .collect())
+    }
+
+    /// The ExternalSecrets of the namespace (none asked for when `proven`
+    /// is empty: other ExternalSecrets matter only beside proven ones, for
+    /// the keys they pull, and ESO need not even be installed).
+    async fn external_secrets(&self, proven: &[String]) -> Result<Vec<DynamicObject>> {
+        if proven.is_empty() {
+            return Ok(vec![]);
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &external_secret_resource(),
+        );
+        let list = api.list(&ListParams::default()).await;
+        Ok(list.map_err(list_error("list externalsecrets"))?.items)
+    }
+
     /// What in the namespace, besides pods, may consume the value carried
     /// by the Secrets `direct` and by the targets of ExternalSecrets
-    /// `proven`, read now (`Census::pods` is left empty).
+    /// `proven`, read now (`Census::pods` is left empty). The lists run at
+    /// once.
     pub async fn census(&self, proven: &[String], direct: &[String]) -> Result<Census> {
-        let lp = ListParams::default();
-        let mut templates = vec![];
-        let named = |kind: &str, meta: &ObjectMeta| {
-            ConsumerRef::new(kind, meta.name.clone().unwrap_or_default())
-        };
-        for d in self
-            .api::<Deployment>()
-            .list(&lp)
-            .await
-            .map_err(list_error("list deployments"))?
-            .items
-        {
-            let spec = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-            templates.push((
-                named("Deployment", &d.metadata),
-                spec.map(secrets_read_by).unwrap_or_default(),
-            ));
-        }
-        for d in self
-            .api::<StatefulSet>()
-            .list(&lp)
-            .await
-            .map_err(list_error("list statefulsets"))?
-            .items
-        {
-            let spec = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-            templates.push((
-                named("StatefulSet", &d.metadata),
-                spec.map(secrets_read_by).unwrap_or_default(),
-            ));
-        }
-        for d in self
-            .api::<DaemonSet>()
-            .list(&lp)
-            .await
-            .map_err(list_error("list daemonsets"))?
-            .items
-        {
-            let spec = d.spec.as_ref().and_then(|s| s.template.spec.as_ref());
-            templates.push((
-                named("DaemonSet", &d.metadata),
-                spec.map(secrets_read_by).unwrap_or_default(),
-            ));
-        }
-        for d in self
-            .api::<CronJob>()
-            .list(&lp)
-            .await
-            .map_err(list_error("list cronjobs"))?
-            .items
-        {
-            let spec = d
+        let (deployments, stateful_sets, daemon_sets, cron_jobs, all_es) = futures::try_join!(
+            self.templates::<Deployment>("Deployment", |d| d.spec.as_ref()?.template.spec.as_ref()),
+            self.templates::<StatefulSet>("StatefulSet", |d| d
+                .spec
+                .as_ref()?
+                .template
+                .spec
+                .as_ref()),
+            self.templates::<DaemonSet>("DaemonSet", |d| d.spec.as_ref()?.template.spec.as_ref()),
+            self.templates::<CronJob>("CronJob", |c| c
                 .spec
                 .job_template
                 .spec
-                .as_ref()
-                .and_then(|s| s.template.spec.as_ref());
-            templates.push((
-                named("CronJob", &d.metadata),
-                spec.map(secrets_read_by).unwrap_or_default(),
-            ));
-        }
-        // Other ExternalSecrets matter only beside proven ones (the keys
-        // they pull); without any, ESO need not even be installed.
-        let all_es = match proven {
-            [] => vec![],
-            _ => {
-                let es_api: Api<DynamicObject> = Api::namespaced_with(
-                    self.client.clone(),
-                    &self.namespace,
-                    &external_secret_resource(),
-                );
-                es_api
-                    .list(&lp)
-                    .await
-                    .map_err(list_error("list externalsecrets"))?
-                    .items
-            }
-        };
+                .as_ref()?
+                .template
+                .spec
+                .as_ref()),
+            self.external_secrets(proven),
+        )?;
         let is_proven = |es: &DynamicObject| {
             es.metadata
                 .name
@@ -272,12 +266,17 @@ impl Consumers {
             .iter()
             .filter(|es| !is_proven(es))
             .filter(|es| !remote_keys(&es.data).is_disjoint(&pulled))
-            .map(|es| named("ExternalSecret", &es.metadata))
+            .map(|es| {
+                ConsumerRef::new(
+                    "ExternalSecret",
+                    es.metadata.name.clone().unwrap_or_default(),
+                )
+            })
             .collect();
         Ok(Census {
             carriers,
             pods: vec![],
-            templates,
+            templates: [deployments, stateful_sets, daemon_sets, cron_jobs].concat(),
             other_external_secrets,
         })
     }

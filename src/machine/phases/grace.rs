@@ -52,7 +52,7 @@ pub async fn watch(v: &mut View) -> Result<()> {
         // The condition is recorded before the Event announces it.
         v.write_status().await?;
         warn!(rotation = %id, reason, "grace window at risk");
-        v.event(EventType::Warning, reason, message).await;
+        v.event(EventType::Warning, reason, message);
     }
     Ok(())
 }

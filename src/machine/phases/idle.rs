@@ -138,8 +138,7 @@ async fn report_schedule(v: &mut View) {
             v.set_condition(condition::SCHEDULED, "False", "InvalidSpec", &message);
             if was.as_deref() != Some("InvalidSpec") {
                 warn!(problem, "schedule cannot be served");
-                v.event(EventType::Warning, "ScheduleInvalid", message)
-                    .await;
+                v.event(EventType::Warning, "ScheduleInvalid", message);
             }
         }
         None => {
