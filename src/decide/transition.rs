@@ -169,3 +169,16 @@ pub fn after_failure(f: FailureFacts) -> AfterFailure {
 #[cfg(test)]
 #[path = "transition_tests.rs"]
 mod tests;
+
+/// Whether the step of a phase just entered runs in the same reconcile:
+/// the phases that go on from proof already in hand (the refresh request
+/// after the writes, the restart after the sync, verification and the
+/// final re-check after the rollout). The status naming the phase is
+/// written before, so nothing is skipped; waiting for that write to come
+/// back through the watch would only add latency.
+pub fn steps_at_once(entered: Phase) -> bool {
+    matches!(
+        entered,
+        Phase::AwaitingSync | Phase::AwaitingRollout | Phase::Verifying | Phase::Invalidating
+    )
+}

@@ -46,10 +46,24 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
         }
         v.rotation_mut().spec_fingerprint = fingerprint;
     }
-    let phase = v.phase();
-    match step(&mut v, phase).await {
-        Ok(outcome) => apply(&mut v, phase, outcome).await,
-        Err(e) if e.permanent => phases::fail::run(&mut v, e).await,
+    // One phase after the other while each is entered with nothing to
+    // wait for (its status is written first, so a crash resumes there).
+    loop {
+        let phase = v.phase();
+        let action = run(&mut v, phase).await?;
+        let entered = v.phase();
+        if entered == phase || !decide::steps_at_once(entered) {
+            return Ok(action);
+        }
+        v.now = (v.ctx.clock)();
+    }
+}
+
+/// Runs the step of `phase` and applies its outcome or error.
+async fn run(v: &mut View, phase: Phase) -> Result<Action> {
+    match step(v, phase).await {
+        Ok(outcome) => apply(v, phase, outcome).await,
+        Err(e) if e.permanent => phases::fail::run(v, e).await,
         Err(e) => match decide::on_transient_error(phase, v.phase_timed_out()) {
             OnTransient::Retry => {
                 v.set_rotating(&format!("retrying after error: {e}"));
@@ -67,7 +81,7 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
                     permanent: true,
                     ..e
                 };
-                phases::fail::run(&mut v, err).await
+                phases::fail::run(v, err).await
             }
         },
     }

@@ -55,6 +55,9 @@ pub struct View {
     /// The status being computed.
     pub status: SecretRotationStatus,
     pub now: Timestamp,
+    /// The new value, read from the write-ahead record once per reconcile
+    /// (the record does not change after Issuing).
+    new_value: tokio::sync::OnceCell<SecretValue>,
 }
 
 impl View {
@@ -68,6 +71,7 @@ impl View {
             written: status.clone(),
             status,
             now: (ctx.clock)(),
+            new_value: tokio::sync::OnceCell::new(),
             sr,
             ctx,
         }
@@ -147,12 +151,15 @@ impl View {
     /// The new value, from the write-ahead record.
     pub async fn new_value(&self) -> Result<SecretValue> {
         let id = &self.rotation().id;
-        self.wal().read(id).await?.map(|r| r.new).ok_or_else(|| {
-            Error::permanent(
-                Reason::WriteAheadRecordMissing,
-                format!("the write-ahead record of rotation {id} is gone"),
-            )
-        })
+        let read = async {
+            self.wal().read(id).await?.map(|r| r.new).ok_or_else(|| {
+                Error::permanent(
+                    Reason::WriteAheadRecordMissing,
+                    format!("the write-ahead record of rotation {id} is gone"),
+                )
+            })
+        };
+        self.new_value.get_or_try_init(|| read).await.cloned()
     }
 
     /// Whether the current wait has run out of time. From Writing to

@@ -7,9 +7,11 @@ use crate::crd::Phase;
 use crate::crd::keys::restart_annotation;
 use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
+use crate::plan::Plan;
 use crate::proof::eso::SyncState;
 use crate::reason::Reason;
 use crate::source::Invalidation;
+use crate::value::SecretValue;
 
 pub async fn step(v: &mut View) -> Result<Outcome> {
     let id = v.rotation().id.clone();
@@ -57,7 +59,18 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
 async fn proof_lost(v: &View) -> Result<Option<String>> {
     let plan = v.plan()?.clone();
     let new = v.new_value().await?;
-    let rot = v.rotation().clone();
+    let lost = [
+        stores_lost(v, &plan, &new).await?,
+        syncs_lost(v, &new).await?,
+        rollouts_lost(v).await?,
+        consumers_lost(v, &plan).await?,
+    ]
+    .concat();
+    Ok((!lost.is_empty()).then(|| lost.join("; ")))
+}
+
+/// Targets that no longer hold the new value.
+async fn stores_lost(v: &View, plan: &Plan, new: &SecretValue) -> Result<Vec<String>> {
     let mut lost = vec![];
     for target in &plan.targets {
         let holds = v
@@ -65,7 +78,7 @@ async fn proof_lost(v: &View) -> Result<Option<String>> {
             .await?
             .read_current()
             .await?
-            .is_some_and(|c| c.same_as(&new));
+            .is_some_and(|c| c.same_as(new));
         if !holds {
             lost.push(format!(
                 "target {} no longer holds the new value",
@@ -73,19 +86,32 @@ async fn proof_lost(v: &View) -> Result<Option<String>> {
             ));
         }
     }
+    Ok(lost)
+}
+
+/// ExternalSecrets that no longer deliver the new value.
+async fn syncs_lost(v: &View, new: &SecretValue) -> Result<Vec<String>> {
     let eso = v.ctx.providers.sync(&v.namespace);
+    let mut lost = vec![];
     for es in &v.sr.spec.proof.external_secrets {
-        if let SyncState::Waiting(why) = eso.check(es, &new).await? {
+        if let SyncState::Waiting(why) = eso.check(es, new).await? {
             lost.push(why);
         }
     }
+    Ok(lost)
+}
+
+/// Workloads no longer rolled out on the proven template.
+async fn rollouts_lost(v: &View) -> Result<Vec<String>> {
+    let rot = v.rotation();
     let workloads = v.ctx.providers.rollouts(&v.namespace);
     let annotation = restart_annotation(&v.name);
+    let mut lost = vec![];
     for w in &v.sr.spec.proof.workloads {
         let o = workloads.observe(w, &annotation).await?;
         let on_proven_template = decide::on_rotation_template(
             v.sr.spec.proof.restart,
-            &rot,
+            rot,
             w,
             o.stamped.as_deref(),
             &o.template,
@@ -97,17 +123,23 @@ async fn proof_lost(v: &View) -> Result<Option<String>> {
             ));
         }
     }
-    // Consumers again, read now: one that appeared since Preflight (a new
-    // Deployment, a CronJob that fired) must be covered, and no old pod of
-    // a restarted or awaited consumer may be left.
-    let census = super::consumers::census(v, &plan).await?;
-    let uncovered = decide::consumers::uncovered(&census, &v.sr.spec.proof);
+    Ok(lost)
+}
+
+/// Consumers again: one that appeared since Preflight (a new Deployment, a
+/// CronJob that fired) must be covered, and no old pod of a restarted or
+/// awaited consumer may be left.
+async fn consumers_lost(v: &View, plan: &Plan) -> Result<Vec<String>> {
+    let proof = &v.sr.spec.proof;
+    let census = super::consumers::census(v, plan).await?;
+    let uncovered = decide::consumers::uncovered(&census, proof);
+    let mut lost = vec![];
     if !uncovered.is_empty() {
         lost.push(super::consumers::uncovered_message(&uncovered));
     }
-    if let Some(synced) = rot.new_value_synced_at.as_ref().map(|t| t.0) {
-        let left = decide::consumers::draining(&census.pods, &v.sr.spec.proof, synced);
+    if let Some(synced) = v.rotation().new_value_synced_at.as_ref().map(|t| t.0) {
+        let left = decide::consumers::draining(&census.pods, proof, synced);
         lost.extend(decide::consumers::describe_draining(&left));
     }
-    Ok((!lost.is_empty()).then(|| lost.join("; ")))
+    Ok(lost)
 }
