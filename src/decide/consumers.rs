@@ -219,11 +219,13 @@ mod tests {
     use super::*;
     use crate::crd::{ConsumerHandling, WorkloadKind, WorkloadRef};
 
-    fn pod(kind: &str, name: &str, secrets: &[&str], created: &str, terminating: bool) -> PodUse {
+    /// A pod of `owner` ("Kind name") created at `time` on 2026-01-01.
+    fn pod(owner: &str, secrets: &[&str], time: &str, terminating: bool) -> PodUse {
+        let (kind, name) = owner.split_once(' ').unwrap();
         PodUse {
             owner: ConsumerRef::new(kind, name),
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
-            created: Some(created.parse().unwrap()),
+            created: Some(format!("2026-01-01T{time}Z").parse().unwrap()),
             terminating,
         }
     }
@@ -282,34 +284,10 @@ mod tests {
         let census = Census {
             carriers: ["app-creds".to_string()].into(),
             pods: vec![
-                pod(
-                    "Deployment",
-                    "app",
-                    &["app-creds"],
-                    "2026-01-01T00:00:00Z",
-                    false,
-                ),
-                pod(
-                    "Deployment",
-                    "other",
-                    &["app-creds"],
-                    "2026-01-01T00:00:00Z",
-                    false,
-                ),
-                pod(
-                    "Deployment",
-                    "unrelated",
-                    &["db"],
-                    "2026-01-01T00:00:00Z",
-                    false,
-                ),
-                pod(
-                    "Pod",
-                    "debug",
-                    &["app-creds"],
-                    "2026-01-01T00:00:00Z",
-                    false,
-                ),
+                pod("Deployment app", &["app-creds"], "00:00:00", false),
+                pod("Deployment other", &["app-creds"], "00:00:00", false),
+                pod("Deployment unrelated", &["db"], "00:00:00", false),
+                pod("Pod debug", &["app-creds"], "00:00:00", false),
             ],
             templates: vec![
                 (
@@ -333,41 +311,11 @@ mod tests {
     fn only_old_pods_of_restarted_or_awaited_consumers_must_drain() {
         let synced: Timestamp = "2026-01-01T00:01:00.600Z".parse().unwrap();
         let pods = vec![
-            pod(
-                "Deployment",
-                "app",
-                &["app-creds"],
-                "2026-01-01T00:00:00Z",
-                true,
-            ),
-            pod(
-                "Deployment",
-                "app",
-                &["app-creds"],
-                "2026-01-01T00:01:00Z",
-                false,
-            ),
-            pod(
-                "CronJob",
-                "nightly",
-                &["app-creds"],
-                "2026-01-01T00:00:30Z",
-                false,
-            ),
-            pod(
-                "Pod",
-                "debug",
-                &["app-creds"],
-                "2026-01-01T00:00:00Z",
-                false,
-            ),
-            pod(
-                "Deployment",
-                "other",
-                &["app-creds"],
-                "2026-01-01T00:00:00Z",
-                false,
-            ),
+            pod("Deployment app", &["app-creds"], "00:00:00", true),
+            pod("Deployment app", &["app-creds"], "00:01:00", false),
+            pod("CronJob nightly", &["app-creds"], "00:00:30", false),
+            pod("Pod debug", &["app-creds"], "00:00:00", false),
+            pod("Deployment other", &["app-creds"], "00:00:00", false),
         ];
         let left = draining(&pods, &proof(), synced);
         assert_eq!(

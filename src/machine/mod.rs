@@ -219,8 +219,10 @@ pub async fn reconcile(sr: Arc<SecretRotation>, ctx: Arc<Context>) -> Result<Act
     if let (Some(rv), Some(written)) = (rv, ctx.written.lock().unwrap().get(&key).copied())
         && rv < written
     {
-        // Our own status write is not in the cache yet: wait for it.
-        return Ok(Action::requeue(Duration::from_millis(200)));
+        // Our own status write is not in the cache yet. Its watch event
+        // triggers the next reconcile (within milliseconds); the requeue is
+        // only the safety net.
+        return Ok(Action::requeue(ctx.poll));
     }
     let rotation = sr
         .status

@@ -102,6 +102,29 @@ async fn nothing_changed(client: &Client, ns: &str, value: &str) {
     );
 }
 
+/// Creates SecretRotation `name` and asserts that Preflight refused it with
+/// `reason`, a message that contains `says`, and nothing changed.
+async fn refused(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: Value,
+    reason: &str,
+    says: &str,
+    old: &str,
+) -> String {
+    create_rotation(client, ns, name, spec).await;
+    let sr = wait_phase(client, ns, name, Phase::Failed, LONG).await;
+    let failure = last_failure(&sr);
+    assert_eq!(
+        (failure.reason.as_str(), failure.phase),
+        (reason, Phase::Preflight)
+    );
+    assert!(failure.message.contains(says), "{}", failure.message);
+    nothing_changed(client, ns, old).await;
+    failure.message
+}
+
 /// Pods that read the synced Secret through env, envFrom, a volume and a
 /// projected volume, and a second Deployment: none is in the proof, so the
 /// rotation stops at Preflight, names each, and changes nothing.
@@ -124,35 +147,19 @@ async fn unlisted_consumers_stop_the_rotation_before_any_change() {
     // A pod that reads only an unrelated Secret is no consumer.
     bare_pod(&client, &ns, "unrelated", "env", "something-else").await;
     let _op = Operator::start(REKEY, c, &ns);
-    create_rotation(
+    let generated = rotation_spec(json!({"generated": {}}));
+    let message = refused(
         &client,
         &ns,
         "app-secret",
-        rotation_spec(json!({"generated": {}})),
+        generated,
+        "UncoveredConsumer",
+        "Deployment other, Pod by-env, Pod by-envfrom, Pod by-projected, Pod by-volume.",
+        &old,
     )
     .await;
-    let sr = wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
-
-    let failure = last_failure(&sr);
-    assert_eq!(failure.reason, "UncoveredConsumer");
-    assert!(
-        failure.message.contains(
-            "Deployment other, Pod by-env, Pod by-envfrom, Pod by-projected, Pod by-volume."
-        ),
-        "{}",
-        failure.message
-    );
-    assert!(
-        !failure.message.contains("unrelated"),
-        "{}",
-        failure.message
-    );
-    assert!(
-        !failure.message.contains("Deployment app"),
-        "{}",
-        failure.message
-    );
-    nothing_changed(&client, &ns, &old).await;
+    assert!(!message.contains("unrelated"), "{message}");
+    assert!(!message.contains("Deployment app"), "{message}");
 }
 
 /// A suspended CronJob has no pod, but its template reads the value: it is
@@ -175,22 +182,17 @@ async fn a_cronjob_consumer_is_found_and_can_be_awaited() {
     )
     .await;
     let _op = Operator::start(REKEY, c, &ns);
-    create_rotation(
+    let generated = rotation_spec(json!({"generated": {}}));
+    refused(
         &client,
         &ns,
         "first",
-        rotation_spec(json!({"generated": {}})),
+        generated,
+        "UncoveredConsumer",
+        "CronJob nightly",
+        &old,
     )
     .await;
-    let sr = wait_phase(&client, &ns, "first", Phase::Failed, LONG).await;
-    let failure = last_failure(&sr);
-    assert_eq!(failure.reason, "UncoveredConsumer");
-    assert!(
-        failure.message.contains("CronJob nightly"),
-        "{}",
-        failure.message
-    );
-    nothing_changed(&client, &ns, &old).await;
 
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["proof"]["consumers"] =
@@ -365,18 +367,17 @@ async fn rollouts_that_cannot_progress_are_refused_at_preflight() {
     let mut spec = rotation_spec(json!({"generated": {}}));
     spec["proof"]["workloads"] =
         json!([{"kind": "Deployment", "name": "app"}, {"kind": "StatefulSet", "name": "db"}]);
-    create_rotation(&client, &ns, "on-delete", spec).await;
-    let sr = wait_phase(&client, &ns, "on-delete", Phase::Failed, LONG).await;
-    let failure = last_failure(&sr);
-    assert_eq!(failure.reason, "RolloutCannotProgress");
-    assert!(
-        failure
-            .message
-            .contains("StatefulSet db has updateStrategy OnDelete"),
-        "{}",
-        failure.message
-    );
-    nothing_changed(&client, &ns, &old).await;
+    let on_delete = "StatefulSet db has updateStrategy OnDelete";
+    refused(
+        &client,
+        &ns,
+        "on-delete",
+        spec,
+        "RolloutCannotProgress",
+        on_delete,
+        &old,
+    )
+    .await;
 
     Api::<StatefulSet>::namespaced(client.clone(), &ns)
         .delete("db", &DeleteParams::default())
@@ -390,22 +391,18 @@ async fn rollouts_that_cannot_progress_are_refused_at_preflight() {
         )
         .await
         .unwrap();
-    create_rotation(
+    let generated = rotation_spec(json!({"generated": {}}));
+    let paused = "Deployment app is paused";
+    refused(
         &client,
         &ns,
         "paused",
-        rotation_spec(json!({"generated": {}})),
+        generated,
+        "RolloutCannotProgress",
+        paused,
+        &old,
     )
     .await;
-    let sr = wait_phase(&client, &ns, "paused", Phase::Failed, LONG).await;
-    let failure = last_failure(&sr);
-    assert_eq!(failure.reason, "RolloutCannotProgress");
-    assert!(
-        failure.message.contains("Deployment app is paused"),
-        "{}",
-        failure.message
-    );
-    nothing_changed(&client, &ns, &old).await;
 }
 
 /// A proven workload that Reloader also restarts: a warning condition names
