@@ -301,12 +301,7 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
     let poll_arg = format!("--poll={}", poll());
     let args = [poll_arg.as_str(), "--starts-per-minute=0"];
     let op = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &args);
-    common::wait_for("rekey watching", Duration::from_secs(60), || async {
-        audit::requests(&c.audit_log(), "rekey/")
-            .iter()
-            .any(|r| r.verb == "watch")
-    })
-    .await;
+    audit::wait_for_rekey_watching(&c.audit_log()).await;
     let rss_start = op.rss_kib();
     let unrelated_s = unrelated_pods(&client).await;
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use crate::crd::{ConsumerHandlingMode, Phase, SecretRotation, WorkloadKind};
-use crate::decide::consumers::{ConsumerRef, PodUse, secrets_read_by};
-use crate::proof::consumers::{Owners, controller_of, finished};
+use crate::decide::consumers::{ConsumerRef, PodUse};
+use crate::proof::consumers::{Owners, controller_of, finished, pod_use};
 use crate::proof::eso::external_secret_resource;
 
 /// What one waiting rotation waits on.
@@ -102,19 +102,12 @@ impl Interest {
     }
 }
 
-/// A pod as the index keeps it: its direct owner is resolved when read.
-#[derive(Clone, Debug)]
-struct IndexedPod {
-    direct: Option<ConsumerRef>,
-    secrets: BTreeSet<String>,
-    created: Option<jiff::Timestamp>,
-    terminating: bool,
-}
-
-/// One namespace's pods (reduced) and ReplicaSet/Job owners.
+/// One namespace's pods (reduced) and ReplicaSet/Job owners. A pod's
+/// `owner` is kept as its direct owner (or the Pod itself) and resolved to
+/// the top owner when read, since a ReplicaSet's event may come later.
 #[derive(Default)]
 struct PodIndex {
-    pods: HashMap<String, IndexedPod>,
+    pods: HashMap<String, PodUse>,
     owners: Owners,
     /// Which of the three lists (pods, ReplicaSets, Jobs) completed.
     listed: [bool; 3],
@@ -124,12 +117,10 @@ impl PodIndex {
     fn uses(&self) -> Option<Vec<PodUse>> {
         self.listed.iter().all(|l| *l).then(|| {
             self.pods
-                .iter()
-                .map(|(name, p)| PodUse {
-                    owner: self.owners.top(name, p.direct.clone()),
-                    secrets: p.secrets.clone(),
-                    created: p.created,
-                    terminating: p.terminating,
+                .values()
+                .map(|p| PodUse {
+                    owner: self.owners.resolve(&p.owner),
+                    ..p.clone()
                 })
                 .collect()
         })
@@ -366,7 +357,7 @@ fn spawn_pods(api: Api<Pod>, s: Shared) -> JoinHandle<()> {
                     continue;
                 }
             };
-            let mut touched: Option<Option<ConsumerRef>> = None;
+            let mut touched: Option<ConsumerRef> = None;
             s.with_index(|index| match &e {
                 Event::Init => {
                     index.pods.clear();
@@ -374,42 +365,30 @@ fn spawn_pods(api: Api<Pod>, s: Shared) -> JoinHandle<()> {
                 }
                 Event::InitApply(p) | Event::Apply(p) => {
                     let name = p.metadata.name.clone().unwrap_or_default();
-                    let direct = controller_of(&p.metadata);
-                    touched = Some(direct.clone().map(|d| index.owners.top(&name, Some(d))));
+                    let pod = pod_use(p, &Owners::default());
+                    touched = Some(index.owners.resolve(&pod.owner));
                     if finished(p) {
                         // Its containers ended: it holds no value any more.
                         index.pods.remove(&name);
-                        return;
+                    } else {
+                        index.pods.insert(name, pod);
                     }
-                    index.pods.insert(
-                        name,
-                        IndexedPod {
-                            direct,
-                            secrets: p.spec.as_ref().map(secrets_read_by).unwrap_or_default(),
-                            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                            terminating: p.metadata.deletion_timestamp.is_some(),
-                        },
-                    );
                 }
                 Event::Delete(p) => {
                     let name = p.metadata.name.clone().unwrap_or_default();
                     if let Some(gone) = index.pods.remove(&name) {
-                        touched = Some(gone.direct.map(|d| index.owners.top(&name, Some(d))));
+                        touched = Some(index.owners.resolve(&gone.owner));
                     }
                 }
                 Event::InitDone => index.listed[0] = true,
             });
             match (&e, touched) {
                 (Event::InitDone, _) => s.wake(|_| true),
-                (Event::Apply(_) | Event::Delete(_), Some(Some(owner))) => {
+                (Event::Apply(_) | Event::Delete(_), Some(owner)) => {
                     // An owner the index cannot resolve yet wakes every
                     // rotation that waits on pods here.
                     let unresolved = owner.kind == "ReplicaSet" || owner.kind == "Job";
                     s.wake(|i| i.owners.contains(&owner) || (unresolved && !i.owners.is_empty()))
-                }
-                (Event::Apply(p) | Event::Delete(p), Some(None)) => {
-                    let bare = ConsumerRef::new("Pod", p.metadata.name.clone().unwrap_or_default());
-                    s.wake(|i| i.owners.contains(&bare))
                 }
                 _ => {}
             }
@@ -470,8 +449,8 @@ mod tests {
         let mut index = PodIndex::default();
         index.pods.insert(
             "app-7d9f-x".into(),
-            IndexedPod {
-                direct: Some(ConsumerRef::new("ReplicaSet", "app-7d9f")),
+            PodUse {
+                owner: ConsumerRef::new("ReplicaSet", "app-7d9f"),
                 secrets: BTreeSet::new(),
                 created: None,
                 terminating: true,
@@ -479,8 +458,8 @@ mod tests {
         );
         index.pods.insert(
             "debug".into(),
-            IndexedPod {
-                direct: None,
+            PodUse {
+                owner: ConsumerRef::new("Pod", "debug"),
                 secrets: BTreeSet::new(),
                 created: None,
                 terminating: false,

@@ -36,8 +36,16 @@ impl Owners {
     pub fn top(&self, pod_name: &str, direct: Option<ConsumerRef>) -> ConsumerRef {
         match direct {
             None => ConsumerRef::new("Pod", pod_name),
-            Some(o) => self.of.get(&o).cloned().unwrap_or(o),
+            Some(o) => self.resolve(&o),
         }
+    }
+
+    /// The owner of a ReplicaSet or Job when known, else `direct` itself.
+    pub fn resolve(&self, direct: &ConsumerRef) -> ConsumerRef {
+        self.of
+            .get(direct)
+            .cloned()
+            .unwrap_or_else(|| direct.clone())
     }
 }
 

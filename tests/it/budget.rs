@@ -39,16 +39,7 @@ async fn one_rotation_stays_within_its_request_budget_and_idle_writes_nothing() 
     // The production default: the safety-net poll of 30 s never fires in a
     // rotation this short; watches wake every wait.
     let op = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &["--poll=30s"]);
-    common::wait_for(
-        "rekey to start watching",
-        Duration::from_secs(30),
-        || async {
-            audit::requests(&c.audit_log(), "rekey/")
-                .iter()
-                .any(|r| r.verb == "watch" && r.resource == "secretrotations")
-        },
-    )
-    .await;
+    audit::wait_for_rekey_watching(&c.audit_log()).await;
     let before = audit::requests(&c.audit_log(), "rekey/").len();
     create_rotation(
         &client,

@@ -79,3 +79,18 @@ pub fn by_verb_and_resource<'a>(
     }
     counts
 }
+
+/// Waits until rekey (user agent `rekey/`) watches SecretRotations in the
+/// cluster whose audit log is `log`: from then on its requests are counted.
+pub async fn wait_for_rekey_watching(log: &Path) {
+    crate::wait_for(
+        "rekey to start watching",
+        std::time::Duration::from_secs(60),
+        || async {
+            requests(log, "rekey/")
+                .iter()
+                .any(|r| r.verb == "watch" && r.resource == "secretrotations")
+        },
+    )
+    .await;
+}
