@@ -113,18 +113,23 @@ async fn main() -> anyhow::Result<()> {
                 per_minute: starts_per_minute,
             });
             tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
-            let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics));
+            let ready = rekey::server::Readiness::default();
+            let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics, ready.clone()));
             if let Some(ns) = leader_election_namespace {
+                // A standby is ready to take over; the leader is ready once
+                // it has listed the SecretRotations.
+                ready.set(true);
                 let identity = std::env::var("POD_NAME")
                     .unwrap_or_else(|_| format!("rekey-{:08x}", rand::random::<u32>()));
                 let election =
                     rekey::leader::LeaderElection::new(ctx.client.clone(), &ns, &identity);
                 ctx.fence = election.fence();
                 election.acquire_and_hold().await;
+                ready.set(false);
             }
             tokio::select! {
                 r = serve => r??,
-                _ = rekey::machine::run(ctx, namespaces, max_concurrent_reconciles.max(1), debounce) => {},
+                _ = rekey::machine::run(ctx, namespaces, max_concurrent_reconciles.max(1), debounce, ready) => {},
             }
         }
     }

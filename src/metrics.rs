@@ -1,6 +1,7 @@
 //! Prometheus metrics, all prefixed `rekey_`. Labels name objects, phases,
 //! providers and reasons: never a value.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::crd::Phase;
+use crate::reason::Reason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RotationLabels {
@@ -87,6 +89,9 @@ pub struct Metrics {
     pub provider_calls: Family<CallLabels, Counter>,
     pub provider_latency: Family<CallKind, Histogram, fn() -> Histogram>,
     pub reconcile_errors: Family<RotationLabels, Counter>,
+    /// The SecretRotations that have series, so those of one deleted
+    /// without its last reconcile can be found and removed.
+    known: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
 impl Default for Metrics {
@@ -109,6 +114,7 @@ impl Metrics {
             provider_calls: Family::default(),
             provider_latency: Family::new_with_constructor(latency_histogram),
             reconcile_errors: Family::default(),
+            known: Arc::default(),
         };
         r.register(
             "rotations_started",
@@ -175,8 +181,14 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Sets the phase gauge of one SecretRotation (1 for `phase`, 0 for others it had).
+    /// Sets the phase gauge of one SecretRotation: one series, for `phase`
+    /// (the series of the phase it leaves is removed, so a SecretRotation
+    /// keeps one series however many phases it went through).
     pub fn set_phase(&self, namespace: &str, name: &str, phase: Phase) {
+        self.known
+            .lock()
+            .unwrap()
+            .insert((namespace.into(), name.into()));
         for p in Phase::ALL {
             let l = PhaseLabels {
                 namespace: namespace.into(),
@@ -185,8 +197,65 @@ impl Metrics {
             };
             if p == phase {
                 self.current_phase.get_or_create(&l).set(1);
-            } else if self.current_phase.get(&l).is_some() {
-                self.current_phase.get_or_create(&l).set(0);
+            } else {
+                self.current_phase.remove(&l);
+            }
+        }
+    }
+
+    /// Removes every series of a SecretRotation that is gone, so a deleted
+    /// rotation costs no memory and no scrape line.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.known
+            .lock()
+            .unwrap()
+            .remove(&(namespace.to_string(), name.to_string()));
+        let rotation = RotationLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.rotations_started.remove(&rotation);
+        self.grace_seconds_left.remove(&rotation);
+        self.reconcile_errors.remove(&rotation);
+        for p in Phase::ALL {
+            self.current_phase.remove(&PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: p.as_str().into(),
+            });
+        }
+        let reasons = Reason::ALL.iter().map(|r| r.as_str()).chain([""]);
+        for reason in reasons {
+            for result in Phase::ALL.iter().filter(|p| p.is_terminal()) {
+                self.rotations_finished.remove(&ResultLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    result: result.as_str().into(),
+                    reason: reason.into(),
+                });
+            }
+        }
+    }
+
+    pub fn reconcile_error(&self, namespace: &str, name: &str) {
+        self.known
+            .lock()
+            .unwrap()
+            .insert((namespace.into(), name.into()));
+        self.reconcile_errors
+            .get_or_create(&RotationLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .inc();
+    }
+
+    /// Forgets every SecretRotation for which `exists` is false.
+    pub fn retain(&self, exists: impl Fn(&str, &str) -> bool) {
+        let known: Vec<(String, String)> = self.known.lock().unwrap().iter().cloned().collect();
+        for (namespace, name) in known {
+            if !exists(&namespace, &name) {
+                self.forget(&namespace, &name);
             }
         }
     }
@@ -196,5 +265,34 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
             .unwrap();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(m: &Metrics, name: &str) -> usize {
+        m.encode()
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("name=\"{name}\"")))
+            .count()
+    }
+
+    #[test]
+    fn one_phase_series_per_rotation_and_none_once_it_is_gone() {
+        let m = Metrics::new();
+        m.set_phase("ns", "a", Phase::Preflight);
+        m.set_phase("ns", "a", Phase::Writing);
+        m.set_phase("ns", "a", Phase::Succeeded);
+        m.set_phase("ns", "b", Phase::Writing);
+        m.reconcile_error("ns", "b");
+        assert_eq!(lines_of(&m, "a"), 1);
+        m.forget("ns", "a");
+        assert_eq!(lines_of(&m, "a"), 0);
+        // A rotation deleted without its last reconcile: found by `retain`.
+        assert_eq!(lines_of(&m, "b"), 2);
+        m.retain(|_, name| name != "b");
+        assert_eq!(lines_of(&m, "b"), 0);
     }
 }

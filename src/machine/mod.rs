@@ -34,14 +34,15 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use tracing::{Instrument, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::crd::SecretRotation;
 use crate::decide::{StartBucket, StartRate};
 use crate::deps::Deps;
 use crate::error::{Error, Result};
 use crate::leader::Fence;
-use crate::metrics::{Metrics, RotationLabels};
+use crate::metrics::Metrics;
+use crate::server::Readiness;
 use crate::wake::Wake;
 pub use providers::{Providers, RealProviders};
 
@@ -158,19 +159,20 @@ impl Context {
 /// by a change of its SecretRotation, by a watch event of something its
 /// rotation waits on (see `crate::wake`), or by its requeue; `debounce`
 /// merges the triggers of one object that arrive within it.
-pub async fn run(mut ctx: Context, namespaces: Vec<String>, concurrency: u16, debounce: Duration) {
+pub async fn run(
+    mut ctx: Context,
+    namespaces: Vec<String>,
+    concurrency: u16,
+    debounce: Duration,
+    ready: Readiness,
+) {
     let wake = Arc::new(Wake::new(ctx.client.clone()));
     ctx.wake = Some(wake.clone());
     let ctx = Arc::new(ctx);
     let error_policy = |sr: Arc<SecretRotation>, err: &Error, ctx: Arc<Context>| {
         warn!(namespace = sr.namespace().unwrap_or_default(), name = sr.name_any(), error = %err, "reconcile failed");
         ctx.metrics
-            .reconcile_errors
-            .get_or_create(&RotationLabels {
-                namespace: sr.namespace().unwrap_or_default(),
-                name: sr.name_any(),
-            })
-            .inc();
+            .reconcile_error(&sr.namespace().unwrap_or_default(), &sr.name_any());
         Action::requeue(Duration::from_secs(5))
     };
     let apis: Vec<(Api<SecretRotation>, Option<String>)> = if namespaces.is_empty() {
@@ -195,13 +197,35 @@ pub async fn run(mut ctx: Context, namespaces: Vec<String>, concurrency: u16, de
     // A SecretRotation removed without its last reconcile (its finalizer
     // taken off by hand) would keep its namespace's watches running.
     let stores: Vec<_> = controllers.iter().map(|c| c.store()).collect();
+    let listed = stores.clone();
+    tokio::spawn(async move {
+        for store in listed {
+            // Re-polled: kube-runtime's readiness keeps one waiter's waker,
+            // and the Controller's own wait takes it, so a single await
+            // here would never wake.
+            loop {
+                let wait =
+                    tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready());
+                match wait.await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        info!("SecretRotations listed: ready");
+        ready.set(true);
+    });
+    let metrics = ctx.metrics.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
-            wake.retain(|ns, name| {
+            let exists = |ns: &str, name: &str| {
                 let key = ObjectRef::new(name).within(ns);
                 stores.iter().any(|s| s.get(&key).is_some())
-            });
+            };
+            wake.retain(exists);
+            metrics.retain(exists);
         }
     });
     let runs = controllers.into_iter().map(|c| {

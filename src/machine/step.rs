@@ -27,6 +27,7 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
         if finalizer::deleting(&v) {
             // Nothing in progress: the deletion may proceed at once.
             finalizer::release(&mut v).await?;
+            v.ctx.metrics.forget(&v.namespace, &v.name);
             return Ok(Action::await_change());
         }
         finalizer::ensure(&mut v).await?;

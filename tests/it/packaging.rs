@@ -199,6 +199,57 @@ async fn chart_installs_under_restricted_pod_security_and_its_rbac_is_enough() {
     );
 }
 
+/// `/readyz` answers 503 until rekey has listed the SecretRotations, so a
+/// pod that cannot read them (here: its Role lacks them) is never Ready;
+/// `/healthz` answers all along. Once the permission is granted, rekey
+/// becomes ready without a restart.
+#[tokio::test]
+async fn ready_only_after_the_secret_rotations_are_listed() {
+    let (c, client, ns) = common::setup("ready").await;
+    let release_ns = install_chart(c, &client, &ns).await;
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let full = roles.get("rekey").await.unwrap();
+    let set_rules = |rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>| {
+        let roles = roles.clone();
+        async move {
+            roles
+                .patch("rekey", &PatchParams::apply("test").force(), &Patch::Apply(json!({
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "rekey"}, "rules": rules
+                })))
+                .await
+                .unwrap();
+        }
+    };
+    let rules = full.rules.clone().unwrap();
+    let without: Vec<_> = rules
+        .iter()
+        .filter(|r| !r.resources.iter().flatten().any(|x| x == "secretrotations"))
+        .cloned()
+        .collect();
+    assert_eq!(without.len(), rules.len() - 1, "one rule grants the list");
+    set_rules(without).await;
+    let op =
+        Operator::start_with_kubeconfig(REKEY, c, &ns, service_account_kubeconfig(c, &release_ns));
+    common::wait_for("/healthz answers", LONG, || async {
+        op.probe("/healthz").await == Some(200)
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(
+            op.probe("/readyz").await,
+            Some(503),
+            "not ready without the list"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    set_rules(rules).await;
+    common::wait_for("/readyz turns 200 once the list works", LONG, || async {
+        op.probe("/readyz").await == Some(200)
+    })
+    .await;
+    assert_eq!(op.probe("/healthz").await, Some(200));
+}
+
 /// Every rule of the chart's Role is needed: without it, a named step fails.
 #[tokio::test]
 async fn each_rbac_rule_is_needed() {

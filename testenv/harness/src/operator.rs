@@ -143,6 +143,13 @@ impl Operator {
             .join("\n")
     }
 
+    /// GET of one of rekey's own endpoints (`/readyz`, `/healthz`): the
+    /// status code, or None while nothing answers.
+    pub async fn probe(&self, path: &str) -> Option<u16> {
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
+    }
+
     pub async fn scrape(&self) -> String {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
         for _ in 0..50 {
