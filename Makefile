@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help demo test testenv lint unit integration bench crds cluster cluster-down chart-install build clean-testenv
+.PHONY: help demo test testenv lint unit integration bench bench-full crds cluster cluster-down chart-install build clean-testenv
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ integration: testenv
 
 bench: testenv ## measure rekey's cost (release build): prints a table, writes bench/results/*.json
 	$(CARGO) bench --locked --bench rekey
+
+bench-full: testenv ## make bench, plus the scale curve 50…1,000 rotations, three runs each (slow)
+	REKEY_BENCH_FULL=1 $(CARGO) bench --locked --bench rekey
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml

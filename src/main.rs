@@ -50,6 +50,10 @@ enum Command {
         /// Rotations that may start per minute after the burst; 0: no limit.
         #[arg(long, env = "REKEY_STARTS_PER_MINUTE", default_value_t = 60)]
         starts_per_minute: u32,
+        /// Requests per second rekey sends to one IBM Secrets Manager
+        /// instance (ESO and the applications share its limit); 0: no limit.
+        #[arg(long, env = "REKEY_IBM_REQUESTS_PER_SECOND", default_value_t = rekey::deps::DEFAULT_IBM_REQUESTS_PER_SECOND)]
+        ibm_requests_per_second: f64,
         /// Reconciles that may run at once (per watched namespace).
         #[arg(long, env = "REKEY_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
         max_concurrent_reconciles: u16,
@@ -82,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             allowed_hosts,
             start_burst,
             starts_per_minute,
+            ibm_requests_per_second,
             max_concurrent_reconciles,
             debounce,
         } => {
@@ -106,7 +111,9 @@ async fn main() -> anyhow::Result<()> {
             ));
             let client = kube::Client::try_from(config)?;
             let metrics = rekey::metrics::Metrics::new();
-            let mut ctx = rekey::machine::Context::new(client, metrics.clone(), poll);
+            let mut deps = rekey::deps::Deps::new(client, metrics.clone());
+            deps.ibm_pace = rekey::deps::Pace::new(ibm_requests_per_second);
+            let mut ctx = rekey::machine::Context::new(deps, poll);
             ctx.allowed_hosts = (!allowed_hosts.is_empty()).then_some(allowed_hosts);
             ctx.start_rate = (starts_per_minute > 0).then_some(rekey::decide::StartRate {
                 burst: start_burst.max(1),

@@ -174,8 +174,6 @@ reasons! {
     IbmRateLimited: UntilTimeout,
     /// The IBM secret type is not arbitrary, kv or username_password.
     IbmUnsupportedSecretType: Never,
-    /// The written IBM version did not become current.
-    IbmWriteNotCurrent: Never,
     /// AWS refused the credentials.
     AwsCredentialsRejected: Never,
     /// The AWS secret does not exist.
@@ -184,8 +182,6 @@ reasons! {
     AwsSecretsManagerRejected: Never,
     /// AWS answered with a server error or could not be reached.
     AwsSecretsManagerError: UntilTimeout,
-    /// The written AWS version did not become AWSCURRENT.
-    AwsWriteNotCurrent: UntilTimeout,
     /// A rollback found no previous AWS version.
     AwsNoPreviousVersion: Never,
     /// The AWS secret holds no string value.

@@ -90,11 +90,10 @@ pub struct Context {
 
 impl Context {
     /// The production context: real providers, the system clock.
-    pub fn new(client: Client, metrics: Metrics, poll: Duration) -> Self {
-        let deps = Deps::new(client.clone(), metrics.clone());
+    pub fn new(deps: Deps, poll: Duration) -> Self {
         Self::with(
-            client,
-            metrics,
+            deps.client.clone(),
+            deps.metrics.clone(),
             poll,
             Arc::new(RealProviders { deps }),
             Arc::new(Timestamp::now),

@@ -2,11 +2,14 @@
 //! +11 s of cold debug build over hand-signed SigV4 requests with reqwest, for
 //! AWS's own retry, signing and error model).
 //!
-//! Writing follows AWS's rotation model: the new value becomes a version whose
-//! `ClientRequestToken` (= version id) is derived from the rotation id, staged
-//! `AWSPENDING`; then `AWSCURRENT` moves to it and AWS labels the old version
-//! `AWSPREVIOUS`. A retry finds the version by its id and creates nothing.
-//! Rollback moves `AWSCURRENT` back to the `AWSPREVIOUS` version.
+//! Writing follows AWS's staging-label model in one call: the new value
+//! becomes a version whose `ClientRequestToken` (= version id) is derived
+//! from the rotation id; a version written without stages becomes
+//! `AWSCURRENT` and AWS labels the old one `AWSPREVIOUS`. A retry finds the
+//! version by its id and creates nothing. Rollback moves `AWSCURRENT` back to
+//! the `AWSPREVIOUS` version. A rotation makes 6 calls: 2 reads at
+//! Preflight, 1 at Issuing (the previous value), `DescribeSecret` and one
+//! `PutSecretValue` when writing, 1 read in the final re-check.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -26,7 +29,6 @@ use crate::value::SecretValue;
 const PROVIDER: &str = "aws-secrets-manager";
 const CURRENT: &str = "AWSCURRENT";
 const PREVIOUS: &str = "AWSPREVIOUS";
-const PENDING: &str = "AWSPENDING";
 
 pub struct AwsSecretsManagerStore {
     client: Client,
@@ -200,31 +202,17 @@ impl Store for AwsSecretsManagerStore {
                 .secret_id(&self.secret_id)
                 .client_request_token(&version)
                 .secret_string(string)
-                .version_stages(PENDING)
                 .send()
                 .await;
             self.observe("PutSecretValue", started, &r);
             r.map_err(|e| map_err("PutSecretValue", &self.secret_id, &e))?;
         }
-        if current.as_deref() != Some(version.as_str()) {
+        // A new version without stages becomes AWSCURRENT, and AWS moves
+        // AWSPREVIOUS to the version it replaced. Only a version this
+        // rotation wrote earlier that is no longer current is moved back.
+        if stages.contains_key(&version) && current.as_deref() != Some(version.as_str()) {
             self.move_stage(CURRENT, Some(&version), current.as_deref())
                 .await?;
-        }
-        if self
-            .stages()
-            .await?
-            .get(&version)
-            .is_some_and(|s| s.iter().any(|l| l == PENDING))
-        {
-            self.move_stage(PENDING, None, Some(&version)).await?;
-        }
-        // Verify: what readers get now is this version.
-        let stages = self.stages().await?;
-        if holding(&stages, CURRENT) != Some(version.as_str()) {
-            return Err(Error::transient(
-                Reason::AwsWriteNotCurrent,
-                format!("version {version} is not AWSCURRENT after the write"),
-            ));
         }
         Ok(version)
     }
@@ -248,7 +236,7 @@ impl Store for AwsSecretsManagerStore {
         Ok(holding(&stages, CURRENT).unwrap_or_default().to_string())
     }
 
-    async fn preflight(&self) -> Result<()> {
+    async fn preflight(&self) -> Result<Option<SecretValue>> {
         let stages = self.stages().await?;
         if holding(&stages, CURRENT).is_none() {
             return Err(Error::permanent(
@@ -256,7 +244,7 @@ impl Store for AwsSecretsManagerStore {
                 format!("AWS secret {} has no AWSCURRENT version", self.secret_id),
             ));
         }
-        Ok(())
+        self.read_current().await
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 
 use super::Store;
 use crate::crd::IbmSecretsManagerTarget;
+use crate::deps::{Pace, Tokens};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reason::Reason;
@@ -26,11 +27,6 @@ const PROVIDER: &str = "ibm-secrets-manager";
 /// Key of the version metadata that names the rotation which wrote a version.
 pub const ROTATION_METADATA_KEY: &str = "rekey_rotation_id";
 
-struct Token {
-    value: SecretValue,
-    refresh_after: Instant,
-}
-
 pub struct IbmSecretsManagerStore {
     http: reqwest::Client,
     metrics: Metrics,
@@ -38,7 +34,11 @@ pub struct IbmSecretsManagerStore {
     iam_url: String,
     api_key: SecretValue,
     target: IbmSecretsManagerTarget,
-    token: Mutex<Option<Token>>,
+    /// IAM tokens (shared across reconciles by `shared`), under `token_key`.
+    tokens: Tokens,
+    token_key: String,
+    /// Paces the requests to this instance.
+    pace: Pace,
     /// The secret id, once resolved (from `secretId`, or by group/type/name).
     secret_id: Mutex<Option<String>>,
 }
@@ -58,6 +58,7 @@ impl IbmSecretsManagerStore {
         target: &IbmSecretsManagerTarget,
         api_key: SecretValue,
     ) -> Self {
+        let api_key_ref = api_key.clone();
         Self {
             http,
             metrics,
@@ -69,17 +70,24 @@ impl IbmSecretsManagerStore {
                 .to_string(),
             api_key,
             target: target.clone(),
-            token: Mutex::new(None),
+            tokens: Tokens::default(),
+            token_key: token_key(&target.iam_url, &api_key_ref),
+            pace: Pace::new(0.0),
             secret_id: Mutex::new(target.secret_id.clone()),
         }
     }
 
+    /// Shares IAM tokens and the request pace with every other store of
+    /// the process (the machine builds a store per reconcile).
+    pub fn shared(mut self, tokens: Tokens, pace: Pace) -> Self {
+        self.tokens = tokens;
+        self.pace = pace;
+        self
+    }
+
     async fn bearer(&self) -> Result<SecretValue> {
-        let mut cached = self.token.lock().await;
-        if let Some(t) = cached.as_ref()
-            && Instant::now() < t.refresh_after
-        {
-            return Ok(t.value.clone());
+        if let Some(token) = self.tokens.get(&self.token_key) {
+            return Ok(token);
         }
         let started = Instant::now();
         let resp = self
@@ -123,10 +131,11 @@ impl IbmSecretsManagerStore {
         })?;
         let lifetime = Duration::from_secs(body.expires_in.unwrap_or(3600));
         let value = SecretValue::new(body.access_token);
-        *cached = Some(Token {
-            value: value.clone(),
-            refresh_after: Instant::now() + lifetime.saturating_sub(Duration::from_secs(60)),
-        });
+        self.tokens.put(
+            &self.token_key,
+            value.clone(),
+            Instant::now() + lifetime.saturating_sub(Duration::from_secs(60)),
+        );
         Ok(value)
     }
 
@@ -149,6 +158,7 @@ impl IbmSecretsManagerStore {
             if let Some(b) = body {
                 req = req.json(b);
             }
+            self.pace.wait(&self.service_url).await;
             let started = Instant::now();
             let resp = req.send().await;
             let status = resp.as_ref().map(|r| r.status()).ok();
@@ -171,7 +181,7 @@ impl IbmSecretsManagerStore {
                 .is_ok_and(|r| r.status() == StatusCode::UNAUTHORIZED)
             {
                 // An expired or revoked token: forget it, the next attempt gets a new one.
-                *self.token.lock().await = None;
+                self.tokens.forget(&self.token_key);
             }
             if retryable && attempt < 4 {
                 let jitter = Duration::from_millis(
@@ -349,30 +359,13 @@ impl Store for IbmSecretsManagerStore {
                 Some(&body),
             )
             .await?;
-        let version = created["id"].as_str().unwrap_or_default().to_string();
-        // Verify: the current version is the one just written (allowing the
-        // service a moment). Not current after that is not retried by
-        // creating again: it needs a person to look.
-        for _ in 0..10 {
-            let meta = self
-                .call(Method::GET, &meta_path, "get_version_metadata", None)
-                .await?;
-            if meta["id"].as_str() == Some(version.as_str()) {
-                return Ok(version);
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        {
-            return Err(Error::permanent(
-                Reason::IbmWriteNotCurrent,
-                format!(
-                    "IBM secret {id}: version {version} was created but is not the current version"
-                ),
-            ));
-        }
+        // A new version is the current one once created (IBM's version
+        // model); the final re-check before invalidation reads the store
+        // again, so a version that is not current never lets the old value die.
+        Ok(created["id"].as_str().unwrap_or_default().to_string())
     }
 
-    async fn preflight(&self) -> Result<()> {
+    async fn preflight(&self) -> Result<Option<SecretValue>> {
         let current = self.current().await?;
         if current.secret_type == "kv" && self.target.key.is_none() {
             return Err(Error::permanent(
@@ -380,6 +373,15 @@ impl Store for IbmSecretsManagerStore {
                 "ibmSecretsManager: a kv secret needs `key`",
             ));
         }
-        Ok(())
+        Ok(current.value)
     }
+}
+
+/// The key of an IAM token: the IAM URL and a digest of the API key (the
+/// key itself is never a map key).
+fn token_key(iam_url: &str, api_key: &SecretValue) -> String {
+    use std::hash::BuildHasher;
+    static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+        std::sync::LazyLock::new(Default::default);
+    format!("{iam_url} {:016x}", SEED.hash_one(api_key.expose()))
 }

@@ -102,7 +102,7 @@ impl Store for KubernetesSecretStore {
         result
     }
 
-    async fn preflight(&self) -> Result<()> {
+    async fn preflight(&self) -> Result<Option<SecretValue>> {
         // The Secret may not exist yet (rekey creates it); the namespace must.
         let existing = self
             .api
@@ -128,8 +128,10 @@ impl Store for KubernetesSecretStore {
                 &Patch::Apply(&probe),
             )
             .await
-            .map(|_| ())
-            .map_err(|e| Error::kube("dry-run write of target Secret", e))
+            .map_err(|e| Error::kube("dry-run write of target Secret", e))?;
+        Ok(existing
+            .and_then(|s| s.data)
+            .and_then(|d| d.get(&self.key).and_then(|b| SecretValue::from_bytes(&b.0))))
     }
 }
 

@@ -32,8 +32,10 @@ pub trait Store: Send + Sync {
     /// Makes `value` the current value, tagged with `rotation_id`; returns the
     /// store's version id.
     async fn write(&self, value: &SecretValue, rotation_id: &str) -> Result<String>;
-    /// Checks that the store answers and the credentials work, without writing.
-    async fn preflight(&self) -> Result<()>;
+    /// Checks that the store answers and the credentials work, without
+    /// writing; returns the value it holds now (as `read_current`, in the
+    /// same calls).
+    async fn preflight(&self) -> Result<Option<SecretValue>>;
     /// Undoes `write` of `rotation_id` after a failure (onFailure: Rollback):
     /// makes `previous` the current value again; returns the version now
     /// current. Idempotent. By default `previous` is written as a new version.
@@ -65,12 +67,10 @@ pub async fn build(
         StorePlan::IbmSecretsManager(t) => {
             let r = &t.api_key_secret_ref;
             let key = deps.secret_key(namespace, &r.name, &r.key).await?;
-            Box::new(ibm::IbmSecretsManagerStore::new(
-                deps.http.clone(),
-                deps.metrics.clone(),
-                t,
-                key,
-            ))
+            Box::new(
+                ibm::IbmSecretsManagerStore::new(deps.http.clone(), deps.metrics.clone(), t, key)
+                    .shared(deps.tokens.clone(), deps.ibm_pace.clone()),
+            )
         }
         StorePlan::AwsSecretsManager(t) => {
             let r = &t.credentials_secret_ref.name;

@@ -203,8 +203,8 @@ impl Store for FakeStore {
         effect(&self.world, format!("store.write {}", self.target));
         Ok(version)
     }
-    async fn preflight(&self) -> Result<()> {
-        Ok(())
+    async fn preflight(&self) -> Result<Option<SecretValue>> {
+        self.read_current().await
     }
 }
 

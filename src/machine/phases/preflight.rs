@@ -71,8 +71,7 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let mut current = vec![];
     for target in &plan.targets {
         let store = v.store(target).await?;
-        store.preflight().await?;
-        if let Some(value) = store.read_current().await? {
+        if let Some(value) = store.preflight().await? {
             current.push(value);
         }
     }

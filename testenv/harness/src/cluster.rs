@@ -86,6 +86,8 @@ impl Binaries {
 pub struct Options {
     /// Number of fake kwok Nodes.
     pub nodes: usize,
+    /// Pods each kwok Node takes (a real Node's default: 110).
+    pub pods_per_node: usize,
     /// Start the External Secrets Operator controller (and apply its CRDs).
     pub eso: bool,
     /// Extra environment for the ESO process.
@@ -102,6 +104,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             nodes: 2,
+            pods_per_node: 110,
             eso: true,
             eso_env: vec![],
             moto: true,
@@ -395,6 +398,9 @@ impl Cluster {
                         format!("--initial-cluster=rekey0={peer}"),
                         "--unsafe-no-fsync=true".into(),
                         "--auto-compaction-retention=1".into(),
+                        // 8 GiB instead of 2: the benchmark stores 1 GB of
+                        // unrelated Secrets.
+                        "--quota-backend-bytes=8589934592".into(),
                         "--log-level=warn".into(),
                     ]
                 }
@@ -545,7 +551,7 @@ impl Cluster {
                 timeout: Duration::from_secs(60),
             },
         ])?;
-        cluster.create_nodes(opts.nodes)?;
+        cluster.create_nodes(opts.nodes, opts.pods_per_node)?;
         // Pods are refused in a namespace until the ServiceAccount controller
         // made its `default` ServiceAccount: a working kcm does it in seconds.
         let client = cluster.admin_http()?;
@@ -1013,11 +1019,11 @@ kill -KILL 0"#;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn create_nodes(&mut self, n: usize) -> Result<()> {
+    fn create_nodes(&mut self, n: usize, pods: usize) -> Result<()> {
         let mut yaml = String::new();
         for i in 0..n {
             yaml.push_str(&format!(
-                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: kwok-node-{i}\n  annotations: {{node.alpha.kubernetes.io/ttl: \"0\", kwok.x-k8s.io/node: fake}}\n  labels: {{kubernetes.io/hostname: kwok-node-{i}, kubernetes.io/os: linux, kubernetes.io/arch: amd64, type: kwok}}\nspec:\n  taints: []\nstatus:\n  allocatable: {{cpu: \"32\", memory: 256Gi, pods: \"110\"}}\n  capacity: {{cpu: \"32\", memory: 256Gi, pods: \"110\"}}\n"
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: kwok-node-{i}\n  annotations: {{node.alpha.kubernetes.io/ttl: \"0\", kwok.x-k8s.io/node: fake}}\n  labels: {{kubernetes.io/hostname: kwok-node-{i}, kubernetes.io/os: linux, kubernetes.io/arch: amd64, type: kwok}}\nspec:\n  taints: []\nstatus:\n  allocatable: {{cpu: \"32\", memory: 256Gi, pods: \"{pods}\"}}\n  capacity: {{cpu: \"32\", memory: 256Gi, pods: \"{pods}\"}}\n"
             ));
         }
         self.kubectl_within(&["apply", "-f", "-"], Some(&yaml), Duration::from_secs(60))?;
@@ -1036,6 +1042,15 @@ kill -KILL 0"#;
             )
             .is_ok()
         })
+    }
+
+    /// The pid of one component (e.g. "external-secrets").
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        let children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
     }
 
     /// Pids of every process the environment started and still running.

@@ -56,6 +56,8 @@ pub struct Inner {
     pub secrets: HashMap<String, SmSecret>,
     /// Every request, as "METHOD path", for tests that count calls.
     pub calls: Vec<String>,
+    /// When each of `calls` arrived.
+    pub call_times: Vec<std::time::Instant>,
     /// Answer the next N version writes with this status (e.g. 503) first.
     pub fail_next_writes: Vec<u16>,
     /// Create the next N versions, then answer with this status anyway (a
@@ -212,11 +214,7 @@ async fn token(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    s.state
-        .lock()
-        .unwrap()
-        .calls
-        .push("POST /identity/token".into());
+    s.state.lock().unwrap().record("POST /identity/token");
     let ct = headers
         .get("content-type")
         .and_then(|h| h.to_str().ok())
@@ -275,8 +273,7 @@ async fn get_secret(State(s): State<S>, headers: HeaderMap, Path(id): Path<Strin
     s.state
         .lock()
         .unwrap()
-        .calls
-        .push(format!("GET /api/v2/secrets/{id}"));
+        .record(format!("GET /api/v2/secrets/{id}"));
     if !authorized(&s, &headers) {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized");
     }
@@ -298,7 +295,7 @@ async fn get_secret_by_name(
     headers: HeaderMap,
     Path((group, typ, name)): Path<(String, String, String)>,
 ) -> Response {
-    s.state.lock().unwrap().calls.push(format!(
+    s.state.lock().unwrap().record(format!(
         "GET /api/v2/secret_groups/{group}/secret_types/{typ}/secrets/{name}"
     ));
     if !authorized(&s, &headers) {
@@ -330,8 +327,7 @@ async fn create_version(
     s.state
         .lock()
         .unwrap()
-        .calls
-        .push(format!("POST /api/v2/secrets/{id}/versions"));
+        .record(format!("POST /api/v2/secrets/{id}/versions"));
     if !authorized(&s, &headers) {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized");
     }
@@ -453,8 +449,7 @@ async fn version_metadata(
     s.state
         .lock()
         .unwrap()
-        .calls
-        .push(format!("GET /api/v2/secrets/{id}/versions/{vid}/metadata"));
+        .record(format!("GET /api/v2/secrets/{id}/versions/{vid}/metadata"));
     if !authorized(&s, &headers) {
         return error(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized");
     }
@@ -530,6 +525,13 @@ async fn locks_bulk(
         axum::Json(json!({"secret_id": sec.id, "secret_group_id": sec.group, "secret_type": sec.secret_type, "secret_name": sec.name, "versions": versions})),
     )
         .into_response()
+}
+
+impl Inner {
+    fn record(&mut self, call: impl Into<String>) {
+        self.calls.push(call.into());
+        self.call_times.push(std::time::Instant::now());
+    }
 }
 
 impl IbmEmulator {

@@ -1,25 +1,15 @@
-//! `make bench`: what rekey costs, measured on the local control plane (real
-//! API server, ESO, kwok) with the release build. Prints one table and writes
-//! it as JSON under `bench/results/`. A benchmark, not a test: it asserts
-//! nothing, and shows each target beside its figure.
-//!
-//! Scenarios of this revision (issue 13 parts 3 and 4; the others follow):
-//! - **latency**: 50 rotations of the usual scene (webhook source, one
-//!   ExternalSecret, one Deployment of 2 replicas), one after the other, with
-//!   the default `--poll` (`poll()`). A watcher records when ESO saw rekey's
-//!   refresh request, when the synced Secret changed, when the Deployment
-//!   got its restart stamp and completed and when each of its pods was
-//!   deleted, and the webhook records the invalidate call. Latency added by
-//!   rekey: sync → restart request, and rollout complete (or, when later,
-//!   the last old pod gone) → invalidate; ESO's own refresh (request →
-//!   synced Secret) beside them.
-//! - **api**: rekey's requests to the API server per rotation, by verb and
-//!   resource, from the audit log (user agent `rekey/`), per idle minute
-//!   with 100 Succeeded SecretRotations, and per minute with 100 rotations
-//!   waiting for a restart that does not come (`restart: Await`).
-//! - **memory**: rekey's resident memory with 5,000 unrelated pods in
-//!   another namespace (rekey must not cache them), before and after the
-//!   rotations.
+//! Latency added by rekey and its API cost per rotation (issue 13 parts 3
+//! and 4): rounds of 50 rotations of the usual scene (webhook source, one
+//! ExternalSecret, one Deployment of 2 replicas), one after the other, with
+//! the default `--poll` (`poll()`). A watcher records when ESO saw rekey's
+//! refresh request, when the synced Secret changed, when the Deployment got
+//! its restart stamp and completed and when each of its pods was deleted,
+//! and the webhook records the invalidate call. Latency added by rekey:
+//! sync → restart request, and rollout complete (or, when later, the last
+//! old pod gone) → invalidate; ESO's own refresh (request → synced Secret)
+//! beside them. Requests per rotation come from the audit log, by user
+//! agent; then one idle minute with 100 Succeeded SecretRotations and one
+//! with 100 waiting for a restart that does not come (`restart: Await`).
 
 use rekey_testenv as common;
 
@@ -27,9 +17,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::REKEY;
+use crate::report::{by_agent, over_runs, summary};
 use common::audit;
 use common::fixtures::*;
-use common::operator::Operator;
+use common::operator::{Operator, cpu_seconds};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -39,7 +31,6 @@ use kube::runtime::watcher;
 use rekey::crd::Phase;
 use serde_json::{Value, json};
 
-const REKEY: &str = env!("CARGO_BIN_EXE_rekey");
 const ROTATIONS: usize = 50;
 const STAMP: &str = "rotation.rekey.dev/app-secret";
 /// rekey's default `--poll` (2s before the waits were event-driven);
@@ -47,8 +38,6 @@ const STAMP: &str = "rotation.rekey.dev/app-secret";
 fn poll() -> String {
     std::env::var("REKEY_BENCH_POLL").unwrap_or_else(|_| "30s".into())
 }
-/// Unrelated pods in another namespace (issue 11: no cluster-wide cache).
-const UNRELATED_PODS: usize = 5000;
 
 /// First time (ms since the start) each value of something was seen.
 #[derive(Default)]
@@ -199,55 +188,6 @@ async fn webhook(seen: Shared) -> String {
     url
 }
 
-/// Nearest-rank percentile of `samples` (ms).
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
-    s[rank.min(s.len()) - 1]
-}
-
-fn summary(samples: &[f64]) -> Value {
-    json!({
-        "n": samples.len(),
-        "p50_ms": percentile(samples, 50.0),
-        "p99_ms": percentile(samples, 99.0),
-        "max_ms": percentile(samples, 100.0),
-    })
-}
-
-fn machine() -> Value {
-    let mem_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    json!({
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "memory_gib": (mem_kib as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
-    })
-}
-
-fn git_revision() -> String {
-    let run = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let rev = run(&["rev-parse", "--short=12", "HEAD"]);
-    let dirty = !run(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    if dirty { format!("{rev}-dirty") } else { rev }
-}
-
 /// Per rotation: synced Secret → restart request, rollout complete →
 /// invalidate, and ESO's refresh request → synced Secret (ms).
 fn latencies(seen_now: &Seen) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -276,7 +216,89 @@ fn latencies(seen_now: &Seen) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     (added_restart, added_invalidate, eso_refresh)
 }
 
-async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
+/// Per round of `ROTATIONS` rotations: latency summaries, rekey's requests
+/// and CPU per rotation, and the other clients' requests beside them.
+struct Round {
+    restart: Value,
+    invalidate: Value,
+    eso_refresh: Value,
+    wall_s: f64,
+    measured: usize,
+    failed: usize,
+    requests: Vec<audit::Request>,
+    others: BTreeMap<String, usize>,
+    cpu_s: f64,
+}
+
+/// One round: `ROTATIONS` rotations one after the other, each requested by
+/// annotation once the one before ended.
+async fn round(
+    c: &common::Cluster,
+    client: &Client,
+    ns: &str,
+    op: &Operator,
+    seen: &Shared,
+    tag: &str,
+) -> Round {
+    let log = c.audit_log();
+    {
+        let mut s = seen.lock().unwrap();
+        let start = s.start;
+        *s = Seen {
+            start,
+            ..Default::default()
+        };
+    }
+    let from_all = audit::requests(&log, "").len();
+    let cpu_before = op.pid().and_then(cpu_seconds).unwrap_or(f64::NAN);
+    let started = Instant::now();
+    let mut failed = 0;
+    for i in 0..ROTATIONS {
+        let token = format!("{tag}-{i}");
+        annotate_rotation(client, ns, "app-secret", "rekey.dev/rotate", &token).await;
+        common::wait_for("a rotation", Duration::from_secs(120), || async {
+            get_rotation(client, ns, "app-secret")
+                .await
+                .status
+                .is_some_and(|s| {
+                    s.rotation.is_none() && s.observed_rotate_request.as_deref() == Some(&token)
+                })
+        })
+        .await;
+        let sr = get_rotation(client, ns, "app-secret").await;
+        let last = sr.status.as_ref().and_then(|s| s.history.last().cloned());
+        if last.is_none_or(|h| h.result != Phase::Succeeded) {
+            failed += 1;
+        }
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    let cpu_s = op.pid().and_then(cpu_seconds).unwrap_or(f64::NAN) - cpu_before;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window: Vec<audit::Request> = audit::requests(&log, "")
+        .into_iter()
+        .skip(from_all)
+        .collect();
+    let (rekey, others): (Vec<_>, Vec<_>) = window
+        .into_iter()
+        .partition(|r| r.user_agent.starts_with("rekey/"));
+    let (restart, invalidate, eso_refresh) = latencies(&seen.lock().unwrap());
+    Round {
+        restart: summary(&restart),
+        invalidate: summary(&invalidate),
+        eso_refresh: summary(&eso_refresh),
+        wall_s,
+        measured: restart.len(),
+        failed,
+        requests: rekey,
+        others: by_agent(&others),
+        cpu_s,
+    }
+}
+
+/// Latency added, API cost and CPU per rotation (`rounds` rounds of
+/// `ROTATIONS`), then an idle minute with 100 Succeeded SecretRotations and
+/// a minute with 100 waiting for a restart. Returns ("latency", "api").
+pub async fn run(rounds: usize) -> (Value, Value) {
     let opts = common::Options {
         moto: false,
         audit: true,
@@ -302,14 +324,7 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
     let args = [poll_arg.as_str(), "--starts-per-minute=0"];
     let op = Operator::start_with_args(REKEY, c, &ns, c.kubeconfig.clone(), &args);
     audit::wait_for_rekey_watching(&c.audit_log()).await;
-    let rss_start = op.rss_kib();
-    let unrelated_s = unrelated_pods(&client).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_unrelated = op.rss_kib();
-    let before = audit::requests(&c.audit_log(), "rekey/").len();
-
-    // Latency: rotations one after the other.
-    let started = Instant::now();
+    // The first rotation (on creation) warms up; the rounds are measured.
     create_rotation(
         &client,
         &ns,
@@ -325,73 +340,42 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
         Duration::from_secs(120),
     )
     .await;
-    for i in 1..ROTATIONS {
-        annotate_rotation(
-            &client,
-            &ns,
-            "app-secret",
-            "rekey.dev/rotate",
-            &format!("r{i}"),
-        )
-        .await;
-        common::wait_for("a rotation", Duration::from_secs(120), || async {
-            get_rotation(&client, &ns, "app-secret")
-                .await
-                .status
-                .is_some_and(|s| {
-                    s.history.len() == (i + 1).min(10)
-                        && s.rotation.is_none()
-                        && s.observed_rotate_request.as_deref() == Some(format!("r{i}").as_str())
-                })
-        })
-        .await;
+    let mut done = vec![];
+    for r in 0..rounds {
+        done.push(round(c, &client, &ns, &op, &seen, &format!("round{r}")).await);
     }
-    let rotations_s = started.elapsed().as_secs_f64();
-    let rss_after = op.rss_kib();
-    results.insert(
-        "memory",
-        json!({
-            "unrelated_pods": UNRELATED_PODS,
-            "unrelated_pods_created_s": unrelated_s,
-            "rss_kib_start": rss_start,
-            "rss_kib_with_unrelated_pods": rss_unrelated,
-            "rss_kib_after_rotations": rss_after,
-        }),
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let all = audit::requests(&c.audit_log(), "rekey/");
-    let rotation_requests = &all[before..];
-    let history = get_rotation(&client, &ns, "app-secret").await;
-    let failed = history
-        .status
-        .as_ref()
-        .map(|s| {
-            s.history
-                .iter()
-                .filter(|h| h.result != Phase::Succeeded)
-                .count()
-        })
-        .unwrap_or(0);
-    let (added_restart, added_invalidate, eso_refresh) = latencies(&seen.lock().unwrap());
-    results.insert(
-        "latency",
-        json!({
-            "rotations": ROTATIONS,
-            "measured": added_restart.len(),
-            "failed_in_last_10": failed,
-            "wall_s": rotations_s,
-            "poll": poll(),
-            "sync_to_restart_request": summary(&added_restart),
-            "rollout_complete_to_invalidate": summary(&added_invalidate),
-            "eso_refresh_request_to_synced_secret": summary(&eso_refresh),
-        }),
-    );
-    let per_rotation: BTreeMap<String, f64> = audit::by_verb_and_resource(rotation_requests)
+    let pick = |f: &dyn Fn(&Round) -> f64| over_runs(&done.iter().map(f).collect::<Vec<_>>());
+    let p = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let n = ROTATIONS as f64;
+    let per_rotation: BTreeMap<String, f64> = audit::by_verb_and_resource(&done[0].requests)
         .into_iter()
-        .map(|(k, v)| (k, v as f64 / ROTATIONS as f64))
+        .map(|(k, v)| (k, v as f64 / n))
         .collect();
-    let writes =
-        rotation_requests.iter().filter(|r| r.is_write()).count() as f64 / ROTATIONS as f64;
+    let others: BTreeMap<String, f64> = done[0]
+        .others
+        .iter()
+        .map(|(k, v)| (k.clone(), *v as f64 / n))
+        .collect();
+    let figure = |f: &dyn Fn(&Round) -> Value| -> Value {
+        json!({
+            "p50_ms": pick(&|r| p(&f(r), "p50_ms")),
+            "p99_ms": pick(&|r| p(&f(r), "p99_ms")),
+            "rounds": done.iter().map(f).collect::<Vec<_>>(),
+        })
+    };
+    let latency = json!({
+        "rotations_per_round": ROTATIONS,
+        "rounds": rounds,
+        "measured": done.iter().map(|r| r.measured).sum::<usize>(),
+        "failed": done.iter().map(|r| r.failed).sum::<usize>(),
+        "poll": poll(),
+        "wall_s": pick(&|r| r.wall_s),
+        "sync_to_restart_request": figure(&|r| r.restart.clone()),
+        "rollout_complete_to_invalidate": figure(&|r| r.invalidate.clone()),
+        "eso_refresh_request_to_synced_secret": figure(&|r| r.eso_refresh.clone()),
+        "cpu_s_per_rotation": pick(&|r| r.cpu_s / n),
+    });
+    let writes = |r: &Round| r.requests.iter().filter(|q| q.is_write()).count() as f64 / n;
 
     // Idle: 100 Succeeded SecretRotations, one minute.
     for i in 0..99 {
@@ -420,48 +404,19 @@ async fn scenario(results: &mut BTreeMap<&'static str, Value>) {
         .skip(idle_from)
         .collect();
     let waiting = waiting_minute(c, &client, &ns).await;
-    results.insert(
-        "api",
-        json!({
-            "waiting_minute_100_rotations": audit::by_verb_and_resource(&waiting),
-            "waiting_minute_total": waiting.len(),
-            "per_rotation_total": rotation_requests.len() as f64 / ROTATIONS as f64,
-            "per_rotation_writes": writes,
-            "per_rotation": per_rotation,
-            "idle_minute_100_rotations": audit::by_verb_and_resource(&idle),
-            "idle_minute_writes": idle.iter().filter(|r| r.is_write()).count(),
-            "idle_minute_reads_beyond_watch": idle.iter().filter(|r| !r.is_write() && r.verb != "watch").count(),
-        }),
-    );
+    let api = json!({
+        "waiting_minute_100_rotations": audit::by_verb_and_resource(&waiting),
+        "waiting_minute_total": waiting.len(),
+        "per_rotation_total": pick(&|r| r.requests.len() as f64 / n),
+        "per_rotation_writes": pick(&writes),
+        "per_rotation": per_rotation,
+        "other_clients_per_rotation": others,
+        "idle_minute_100_rotations": audit::by_verb_and_resource(&idle),
+        "idle_minute_writes": idle.iter().filter(|r| r.is_write()).count(),
+        "idle_minute_reads_beyond_watch": idle.iter().filter(|r| !r.is_write() && r.verb != "watch").count(),
+    });
     drop(op);
-}
-
-/// Creates `UNRELATED_PODS` pods that no scheduler takes, in a namespace
-/// of their own; returns how long that took (s).
-async fn unrelated_pods(client: &Client) -> f64 {
-    let started = Instant::now();
-    let ns = common::namespace(client, "unrelated").await;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
-    let created = futures::stream::iter(0..UNRELATED_PODS)
-        .map(|i| {
-            let pods = pods.clone();
-            async move {
-                let pod = serde_json::from_value(json!({
-                    "metadata": {"name": format!("unrelated-{i}"), "labels": {"app": "unrelated"}},
-                    "spec": {"schedulerName": "nobody", "containers": [{
-                        "name": "c", "image": "example.invalid/c:1",
-                        "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "unrelated", "key": "k"}}}]}]}
-                }))
-                .unwrap();
-                pods.create(&Default::default(), &pod).await.is_ok()
-            }
-        })
-        .buffer_unordered(16)
-        .filter(|ok| futures::future::ready(*ok))
-        .count()
-        .await;
-    assert_eq!(created, UNRELATED_PODS);
-    started.elapsed().as_secs_f64()
+    (latency, api)
 }
 
 /// The requests rekey makes in one minute while 100 rotations wait for a
@@ -510,109 +465,4 @@ async fn waiting_minute(c: &common::Cluster, client: &Client, ns: &str) -> Vec<a
         .into_iter()
         .skip(from)
         .collect()
-}
-
-fn table(r: &BTreeMap<&'static str, Value>) -> String {
-    let mut out = String::new();
-    let mut row = |what: &str, figure: String, target: &str| {
-        out.push_str(&format!("| {what} | {figure} | {target} |\n"));
-    };
-    let l = &r["latency"];
-    let ms = |v: &Value| {
-        format!(
-            "p50 {:.0} ms, p99 {:.0} ms",
-            v["p50_ms"].as_f64().unwrap_or(f64::NAN),
-            v["p99_ms"].as_f64().unwrap_or(f64::NAN)
-        )
-    };
-    row(
-        "added: synced Secret → restart request",
-        ms(&l["sync_to_restart_request"]),
-        "p50 ≤ 100 ms, p99 ≤ 1 s",
-    );
-    row(
-        "added: rollout complete and last old pod gone → invalidate",
-        ms(&l["rollout_complete_to_invalidate"]),
-        "p50 ≤ 100 ms, p99 ≤ 1 s",
-    );
-    row(
-        "ESO: refresh request → synced Secret",
-        ms(&l["eso_refresh_request_to_synced_secret"]),
-        "(reference)",
-    );
-    row(
-        "rotations measured",
-        format!(
-            "{} of {} ({:.0} s)",
-            l["measured"],
-            l["rotations"],
-            l["wall_s"].as_f64().unwrap_or(0.0)
-        ),
-        "",
-    );
-    let a = &r["api"];
-    row(
-        "requests per rotation",
-        format!(
-            "{:.1} ({:.1} writes)",
-            a["per_rotation_total"].as_f64().unwrap_or(0.0),
-            a["per_rotation_writes"].as_f64().unwrap_or(0.0)
-        ),
-        "",
-    );
-    row(
-        "idle minute, 100 Succeeded: writes / reads beyond the watch",
-        format!(
-            "{} / {}",
-            a["idle_minute_writes"], a["idle_minute_reads_beyond_watch"]
-        ),
-        "0 / 0",
-    );
-    row(
-        "a minute with 100 rotations waiting for a restart: requests",
-        format!("{}", a["waiting_minute_total"]),
-        "",
-    );
-    let m = &r["memory"];
-    row(
-        "rekey RSS: start / with 5,000 unrelated pods / after the rotations",
-        format!(
-            "{} / {} / {} MiB",
-            m["rss_kib_start"].as_u64().unwrap_or(0) / 1024,
-            m["rss_kib_with_unrelated_pods"].as_u64().unwrap_or(0) / 1024,
-            m["rss_kib_after_rotations"].as_u64().unwrap_or(0) / 1024
-        ),
-        "",
-    );
-    format!("| measure | figure | target |\n|---|---|---|\n{out}")
-}
-
-fn main() {
-    rekey::install_crypto_provider();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut results = BTreeMap::new();
-    let started = Instant::now();
-    runtime.block_on(scenario(&mut results));
-    let date = jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string();
-    let revision = git_revision();
-    let report = json!({
-        "date": date,
-        "revision": revision,
-        "machine": machine(),
-        "build": "release",
-        "duration_s": started.elapsed().as_secs_f64(),
-        "results": results,
-    });
-    let table = table(&results);
-    println!(
-        "\nrekey bench, {date}, revision {revision}, {}\n\n{table}",
-        report["machine"]
-    );
-    let dir = common::repo_root().join("bench/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("{}-{revision}.json", &date[..10]));
-    std::fs::write(&file, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-    println!("written to {}", file.display());
 }
