@@ -12,7 +12,8 @@
 //!
 //! `make bench` runs the scale scenario for 200 and 1,000 rotations once;
 //! `make bench-full` (`REKEY_BENCH_FULL=1`) runs the curve 50…1,000, three
-//! times each. `REKEY_BENCH_ONLY=a,b` runs only the named scenarios.
+//! times each. `REKEY_BENCH_ONLY=a,b` runs only the named scenarios;
+//! `REKEY_BENCH_SIZES=20,50` sets the scale scenario's sizes.
 
 mod latency;
 mod providers;
@@ -292,7 +293,9 @@ fn main() {
             lap("unrelated", &mut took);
         }
         if wanted("scale") {
-            let sizes: Vec<usize> = if full {
+            let sizes: Vec<usize> = if let Ok(list) = std::env::var("REKEY_BENCH_SIZES") {
+                list.split(',').filter_map(|n| n.trim().parse().ok()).collect()
+            } else if full {
                 [50, 100, 200, 500, 1000]
                     .iter()
                     .flat_map(|&n| [n; RUNS])
