@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::time::Instant as TokioInstant;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
@@ -80,48 +82,55 @@ impl Tokens {
 }
 
 /// Spaces requests to one service instance (by key) at least
-/// `1 / per_second` apart, so no window of one second holds more than
-/// `per_second` of them. 0 or less: no pacing.
+/// `1.1 / per_second` apart, measured when each is sent, so no window of one
+/// second holds more than `per_second` of them (the 10% absorbs jitter on
+/// the way). Requests to one key wait in turn (first come, first served).
+/// 0 or less: no pacing.
+/// One key's turn: when its last request was sent, held while a request
+/// waits to go.
+type Turn = Arc<tokio::sync::Mutex<Option<TokioInstant>>>;
+
 #[derive(Clone)]
 pub struct Pace {
     interval: Option<Duration>,
-    next_free: Arc<Mutex<HashMap<String, Instant>>>,
+    last_sent: Arc<Mutex<HashMap<String, Turn>>>,
 }
 
 impl Pace {
     pub fn new(per_second: f64) -> Self {
         Self {
-            // 10% apart more than the rate asks: jitter on the way must not
-            // put one request too many into a second at the service.
             interval: (per_second > 0.0).then(|| Duration::from_secs_f64(1.1 / per_second)),
-            next_free: Arc::default(),
+            last_sent: Arc::default(),
         }
     }
 
-    /// Waits for this request's turn at `key`.
+    /// Waits for this request's turn at `key`; the request is sent when
+    /// this returns.
     pub async fn wait(&self, key: &str) {
         let Some(interval) = self.interval else {
             return;
         };
-        let slot = {
-            let mut next_free = self.next_free.lock().unwrap();
-            let (slot, next) = next_slot(Instant::now(), next_free.get(key).copied(), interval);
-            next_free.insert(key.to_string(), next);
-            slot
-        };
-        tokio::time::sleep_until(slot.into()).await;
+        let turn = self
+            .last_sent
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let mut last = turn.lock().await;
+        tokio::time::sleep_until(next_slot(TokioInstant::now(), *last, interval)).await;
+        *last = Some(TokioInstant::now());
     }
 }
 
-/// When a request may go (`now`, or the key's next free slot when later),
-/// and the slot after it.
+/// When a request may go: `now`, or `interval` after the last one sent to
+/// the same key when that is later.
 pub fn next_slot(
-    now: Instant,
-    next_free: Option<Instant>,
+    now: TokioInstant,
+    last_sent: Option<TokioInstant>,
     interval: Duration,
-) -> (Instant, Instant) {
-    let slot = next_free.map_or(now, |n| n.max(now));
-    (slot, slot + interval)
+) -> TokioInstant {
+    last_sent.map_or(now, |l| (l + interval).max(now))
 }
 
 /// The one outcome-label vocabulary of provider calls.
@@ -166,22 +175,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paced_requests_keep_their_interval_and_an_idle_key_goes_at_once() {
-        let t0 = Instant::now();
-        let gap = Duration::from_millis(200);
-        let (first, next) = next_slot(t0, None, gap);
-        assert_eq!(first, t0);
-        // Five requests at the same moment: 0, 200, 400, 600, 800 ms.
-        let mut free = Some(next);
-        let mut slots = vec![first];
-        for _ in 0..4 {
-            let (slot, next) = next_slot(t0, free, gap);
-            slots.push(slot);
-            free = Some(next);
-        }
-        assert_eq!(slots[4] - t0, Duration::from_millis(800));
-        // A request long after the last one does not wait.
+    fn a_request_waits_its_interval_after_the_last_one_and_an_idle_key_goes_at_once() {
+        let t0 = TokioInstant::now();
+        let gap = Duration::from_millis(220);
+        assert_eq!(next_slot(t0, None, gap), t0);
+        let sent = t0 + Duration::from_millis(50);
+        assert_eq!(next_slot(t0, Some(sent), gap), sent + gap);
+        // Long after the last request: no wait.
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(next_slot(later, free, gap).0, later);
+        assert_eq!(next_slot(later, Some(sent), gap), later);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_requests_to_one_key_never_exceed_the_rate_in_any_second() {
+        let pace = Pace::new(5.0);
+        let sent = Arc::new(Mutex::new(vec![]));
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                let (pace, sent) = (pace.clone(), sent.clone());
+                tokio::spawn(async move {
+                    pace.wait("instance").await;
+                    sent.lock().unwrap().push(tokio::time::Instant::now());
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut sent = sent.lock().unwrap().clone();
+        sent.sort();
+        for w in sent.windows(6) {
+            assert!(
+                w[5] - w[0] >= Duration::from_secs(1),
+                "six requests within a second"
+            );
+        }
+        // Another instance is not held up by this one.
+        let started = tokio::time::Instant::now();
+        pace.wait("other").await;
+        assert_eq!(tokio::time::Instant::now(), started);
     }
 }

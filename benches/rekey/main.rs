@@ -263,6 +263,9 @@ fn table(r: &BTreeMap<&'static str, Value>) -> String {
 
 fn main() {
     rekey::install_crypto_provider();
+    // The operator logs as the chart runs it, not at the tests' debug level.
+    // SAFETY: set before any thread starts.
+    unsafe { std::env::set_var("REKEY_OPERATOR_RUST_LOG", "info,kube=warn") };
     let full = std::env::var("REKEY_BENCH_FULL").is_ok();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut results: BTreeMap<&'static str, Value> = BTreeMap::new();
@@ -294,7 +297,9 @@ fn main() {
         }
         if wanted("scale") {
             let sizes: Vec<usize> = if let Ok(list) = std::env::var("REKEY_BENCH_SIZES") {
-                list.split(',').filter_map(|n| n.trim().parse().ok()).collect()
+                list.split(',')
+                    .filter_map(|n| n.trim().parse().ok())
+                    .collect()
             } else if full {
                 [50, 100, 200, 500, 1000]
                     .iter()

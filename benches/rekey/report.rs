@@ -87,7 +87,11 @@ pub fn spread(v: &Value, unit: &str, digits: usize) -> String {
 /// The user agent's program name: `external-secrets/v0.x (linux/amd64)…`
 /// → `external-secrets`.
 pub fn agent_name(user_agent: &str) -> String {
-    user_agent.split('/').next().unwrap_or_default().to_string()
+    match user_agent.split('/').next().unwrap_or_default() {
+        // The benchmark's own client (kube-rs sends no user agent).
+        "" => "benchmark".into(),
+        name => name.to_string(),
+    }
 }
 
 /// Requests per client program.

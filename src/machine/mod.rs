@@ -31,8 +31,8 @@ use jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument, info, warn};
 
@@ -188,7 +188,16 @@ pub async fn run(
             let config = controller::Config::default()
                 .concurrency(concurrency)
                 .debounce(debounce);
-            Controller::new(api, watcher::Config::default())
+            // The cache keeps each SecretRotation without its managedFields
+            // (rekey never reads them; with a status write per phase they
+            // are a large part of every object).
+            let (reader, writer) = reflector::store();
+            let rotations = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .modify(|sr: &mut SecretRotation| sr.managed_fields_mut().clear())
+                .reflect(writer)
+                .applied_objects();
+            Controller::for_stream(rotations, reader)
                 .with_config(config)
                 .reconcile_on(wake.route(ns))
         })

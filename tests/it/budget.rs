@@ -88,3 +88,74 @@ async fn one_rotation_stays_within_its_request_budget_and_idle_writes_nothing() 
     );
     assert!(op.logs().contains("rotation finished"));
 }
+
+/// Calls to IBM Secrets Manager: at most 6 per rotation (one read at
+/// Preflight, one at Issuing, three to write, one in the final re-check),
+/// one IAM token for them all, and never more than 5 requests in any second
+/// on one instance (`--ibm-requests-per-second`), even with rotations at once.
+#[tokio::test]
+async fn ibm_calls_per_rotation_and_per_second_stay_within_budget() {
+    const AT_ONCE: usize = 8;
+    let opts = common::Options {
+        eso: false,
+        moto: false,
+        ..Default::default()
+    };
+    let (c, client, ns) = common::setup_private("ibm-budget", opts).await;
+    install_crd(&c);
+    let emu = common::ibm::IbmEmulator::start().await;
+    emu.add_api_key("budget-key");
+    put_secret(&client, &ns, "ibm-api-key", json!({"apikey": "budget-key"})).await;
+    let _op = Operator::start(REKEY, &c, &ns);
+    for i in 0..AT_ONCE {
+        let id = emu.create_secret(&format!("s{i}"), "arbitrary", json!(common::canary("old")));
+        let spec = json!({
+            "credential": {"generated": {}},
+            "oldValueValidFor": "30m",
+            "targets": [{"name": "ibm", "ibmSecretsManager": {"serviceUrl": emu.url, "secretId": id, "iamUrl": emu.url,
+                "apiKeySecretRef": {"name": "ibm-api-key", "key": "apikey"}}}],
+            "proof": {"nothingToProve": true}
+        });
+        create_rotation(&client, &ns, &format!("r{i}"), spec).await;
+    }
+    for i in 0..AT_ONCE {
+        wait_phase(
+            &client,
+            &ns,
+            &format!("r{i}"),
+            Phase::Succeeded,
+            Duration::from_secs(120),
+        )
+        .await;
+    }
+    let (calls, times) = {
+        let st = emu.state.lock().unwrap();
+        (st.calls.clone(), st.call_times.clone())
+    };
+    let tokens = calls
+        .iter()
+        .filter(|c| c.contains("/identity/token"))
+        .count();
+    let mut service: Vec<_> = calls
+        .iter()
+        .zip(&times)
+        .filter(|(c, _)| !c.contains("/identity/token"))
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(
+        tokens, 1,
+        "one IAM token shared by every rotation: {calls:#?}"
+    );
+    assert!(
+        service.len() <= 6 * AT_ONCE,
+        "{} calls for {AT_ONCE} rotations: {calls:#?}",
+        service.len()
+    );
+    service.sort();
+    for w in service.windows(6) {
+        assert!(
+            w[5] - w[0] >= Duration::from_secs(1),
+            "six requests to one instance within a second"
+        );
+    }
+}

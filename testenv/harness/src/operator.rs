@@ -87,9 +87,13 @@ impl Operator {
             .arg(format!("--metrics-addr=127.0.0.1:{}", self.metrics_port))
             .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
+            // Tests log at debug; the benchmark as the chart does (rekey's default
+            // filter, through REKEY_OPERATOR_RUST_LOG).
             .env(
                 "RUST_LOG",
-                "debug,kube=info,hyper=info,tower=info,rustls=info,reqwest=info,h2=info",
+                std::env::var("REKEY_OPERATOR_RUST_LOG").unwrap_or_else(|_| {
+                    "debug,kube=info,hyper=info,tower=info,rustls=info,reqwest=info,h2=info".into()
+                }),
             )
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
