@@ -379,23 +379,10 @@ pub async fn run(rounds: usize) -> (Value, Value) {
 
     // Idle: 100 Succeeded SecretRotations, one minute.
     for i in 0..99 {
-        let spec = json!({
-            "credential": {"generated": {}},
-            "oldValueValidFor": "30m",
-            "targets": [{"name": "main", "kubernetesSecret": {"name": format!("idle-{i}"), "key": "k"}}],
-            "proof": {"nothingToProve": true}
-        });
-        create_rotation(&client, &ns, &format!("idle-{i}"), spec).await;
+        let name = format!("idle-{i}");
+        create_rotation(&client, &ns, &name, unproven_generated_spec(&name)).await;
     }
-    common::wait_for("100 Succeeded", Duration::from_secs(300), || async {
-        let all = kube::Api::<rekey::crd::SecretRotation>::namespaced(client.clone(), &ns)
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items;
-        all.len() == 100 && all.iter().all(|sr| phase_of(sr) == Some(Phase::Succeeded))
-    })
-    .await;
+    all_succeeded(&client, &ns, 100, Duration::from_secs(300)).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let idle_from = audit::requests(&c.audit_log(), "rekey/").len();
     tokio::time::sleep(Duration::from_secs(60)).await;

@@ -17,7 +17,6 @@ use common::operator::{Operator, proc_status_kib};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
-use rekey::crd::Phase;
 use serde_json::{Value, json};
 
 pub const SECRETS: usize = 10_000;
@@ -71,23 +70,10 @@ pub async fn run() -> Value {
     )
     .await;
     for i in 0..4 {
-        let spec = json!({
-            "credential": {"generated": {}},
-            "oldValueValidFor": "30m",
-            "targets": [{"name": "main", "kubernetesSecret": {"name": format!("other-{i}"), "key": "k"}}],
-            "proof": {"nothingToProve": true}
-        });
-        create_rotation(&client, &ns, &format!("other-{i}"), spec).await;
+        let name = format!("other-{i}");
+        create_rotation(&client, &ns, &name, unproven_generated_spec(&name)).await;
     }
-    common::wait_for("5 Succeeded", Duration::from_secs(180), || async {
-        let all = Api::<rekey::crd::SecretRotation>::namespaced(client.clone(), &ns)
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items;
-        all.len() == 5 && all.iter().all(|sr| phase_of(sr) == Some(Phase::Succeeded))
-    })
-    .await;
+    all_succeeded(&client, &ns, 5, Duration::from_secs(180)).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let eso = c.pid_of("external-secrets");
     let before = json!({"rekey": memory(op.pid()), "eso": memory(eso)});

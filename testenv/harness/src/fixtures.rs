@@ -398,3 +398,31 @@ pub async fn generated_rotation_succeeds(client: &Client, ns: &str, name: &str) 
     create_rotation(client, ns, name, rotation_spec(json!({"generated": {}}))).await;
     wait_phase(client, ns, name, Phase::Succeeded, Duration::from_secs(120)).await
 }
+
+/// A SecretRotation spec with a generated value for Secret `secret` (key
+/// `k`) and nothing to prove: the cheapest complete rotation.
+pub fn unproven_generated_spec(secret: &str) -> Value {
+    json!({
+        "credential": {"generated": {}},
+        "oldValueValidFor": "30m",
+        "targets": [{"name": "main", "kubernetesSecret": {"name": secret, "key": "k"}}],
+        "proof": {"nothingToProve": true}
+    })
+}
+
+/// Waits until `ns` holds exactly `n` SecretRotations, all Succeeded.
+pub async fn all_succeeded(client: &Client, ns: &str, n: usize, timeout: Duration) -> Duration {
+    super::wait_for(
+        &format!("{n} SecretRotations Succeeded"),
+        timeout,
+        || async {
+            let all = Api::<SecretRotation>::namespaced(client.clone(), ns)
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items;
+            all.len() == n && all.iter().all(|sr| phase_of(sr) == Some(Phase::Succeeded))
+        },
+    )
+    .await
+}
