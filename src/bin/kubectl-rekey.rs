@@ -144,11 +144,29 @@ fn timeline(sr: &SecretRotation, now: Timestamp) {
             ago(last.finished_at.as_ref(), now),
             last.duration_seconds
         );
-        for p in &last.phases {
-            println!("  ✓ {:<22} {:>8.1}s", format!("{:?}", p.phase), p.seconds);
+        for (i, p) in last.phases.iter().enumerate() {
+            // The phase a rotation failed in is its last: shown once, as failed.
+            let failed = last
+                .failure
+                .as_ref()
+                .filter(|f| i + 1 == last.phases.len() && f.phase == p.phase);
+            match failed {
+                Some(f) => println!(
+                    "  ✗ {:<22} {:>8.1}s  {}: {}",
+                    format!("{:?}", p.phase),
+                    p.seconds,
+                    f.reason,
+                    f.message
+                ),
+                None => println!("  ✓ {:<22} {:>8.1}s", format!("{:?}", p.phase), p.seconds),
+            }
         }
-        if let Some(f) = &last.failure {
-            println!("  ✗ {:?}: {} — {}", f.phase, f.reason, f.message);
+        if let Some(f) = last
+            .failure
+            .as_ref()
+            .filter(|f| last.phases.last().is_none_or(|p| p.phase != f.phase))
+        {
+            println!("  ✗ {:?}: {}: {}", f.phase, f.reason, f.message);
         }
     }
     println!(
@@ -202,8 +220,37 @@ fn history_rows(h: &[RotationSummary], now: Timestamp) -> Vec<Vec<String>> {
     rows
 }
 
+/// Reads one SecretRotation; a missing one or a refusal is a sentence, not
+/// the API's error structure.
+async fn get(api: &Api<SecretRotation>, ns: &str, name: &str) -> Result<SecretRotation> {
+    match api.get(name).await {
+        Ok(sr) => Ok(sr),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            bail!("no SecretRotation named {name} in namespace {ns}")
+        }
+        Err(kube::Error::Api(s)) => {
+            bail!(
+                "could not read SecretRotation {ns}/{name}: {} (HTTP {})",
+                s.message,
+                s.code
+            )
+        }
+        Err(e) => bail!("could not read SecretRotation {ns}/{name}: {e}"),
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     rekey::install_crypto_provider();
     let cli = Cli::parse();
     let config = kube::Config::infer().await.context("load kubeconfig")?;
@@ -219,10 +266,7 @@ async fn main() -> Result<()> {
         Command::Status {
             name: Some(name), ..
         } => {
-            let sr = api
-                .get(&name)
-                .await
-                .with_context(|| format!("get secretrotation {name}"))?;
+            let sr = get(&api, &ns, &name).await?;
             if json {
                 println!(
                     "{}",
@@ -260,6 +304,7 @@ async fn main() -> Result<()> {
                 "PHASE".into(),
                 "ROTATION".into(),
                 "LAST RESULT".into(),
+                "REASON".into(),
                 "LAST ROTATION".into(),
                 "NEXT ROTATION".into(),
                 "PENDING".into(),
@@ -277,6 +322,11 @@ async fn main() -> Result<()> {
                     s.last_rotation
                         .as_ref()
                         .map(|l| format!("{:?}", l.result))
+                        .unwrap_or("-".into()),
+                    s.last_rotation
+                        .as_ref()
+                        .and_then(|l| l.failure.as_ref())
+                        .map(|f| f.reason.clone())
                         .unwrap_or("-".into()),
                     ago(
                         s.last_rotation
@@ -311,7 +361,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::Approve { name } => {
-            let id = waiting_rotation(&api, &name, Phase::AwaitingApproval).await?;
+            let id = waiting_rotation(&api, &ns, &name, Phase::AwaitingApproval).await?;
             annotate(&api, &name, APPROVE_ANNOTATION, &id).await?;
             if json {
                 println!("{}", serde_json::json!({"name": name, "approved": id}));
@@ -320,7 +370,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::ConfirmInvalidated { name } => {
-            let id = waiting_rotation(&api, &name, Phase::AwaitingConfirmation).await?;
+            let id = waiting_rotation(&api, &ns, &name, Phase::AwaitingConfirmation).await?;
             annotate(&api, &name, CONFIRM_ANNOTATION, &id).await?;
             if json {
                 println!("{}", serde_json::json!({"name": name, "confirmed": id}));
@@ -331,10 +381,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::History { name } => {
-            let sr = api
-                .get(&name)
-                .await
-                .with_context(|| format!("get secretrotation {name}"))?;
+            let sr = get(&api, &ns, &name).await?;
             let history = sr.status.map(|s| s.history).unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
@@ -349,11 +396,13 @@ async fn main() -> Result<()> {
 }
 
 /// The id of the rotation of `name` that waits in `want`.
-async fn waiting_rotation(api: &Api<SecretRotation>, name: &str, want: Phase) -> Result<String> {
-    let sr = api
-        .get(name)
-        .await
-        .with_context(|| format!("get secretrotation {name}"))?;
+async fn waiting_rotation(
+    api: &Api<SecretRotation>,
+    ns: &str,
+    name: &str,
+    want: Phase,
+) -> Result<String> {
+    let sr = get(api, ns, name).await?;
     let status = sr.status.unwrap_or_default();
     match (&status.rotation, status.phase) {
         (Some(rot), Some(p)) if p == want => Ok(rot.id.clone()),

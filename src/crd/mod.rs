@@ -37,6 +37,11 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.lastRotation.result"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.lastRotation.failure.reason"
+    ),
+    printcolumn(
         name = "Next Rotation",
         type_ = "date",
         json_path = ".status.nextRotationAt"

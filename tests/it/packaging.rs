@@ -437,6 +437,54 @@ async fn kubectl_rekey_plugin_shows_and_steers_rotations() {
     assert_eq!(sr.status.unwrap().rotation.unwrap().reason, "OnDemand");
 }
 
+/// What a person reads about a failed rotation is a sentence about their
+/// objects: the reason is a column of `kubectl get srot` and `kubectl rekey
+/// status`, the timeline shows the failed phase once (as failed), and a
+/// name that does not exist is said so, not dumped as an API structure.
+#[tokio::test]
+async fn a_failed_rotation_and_a_missing_name_read_as_sentences() {
+    let (c, client, ns) = common::setup("plugin-failed").await;
+    install_crd(c);
+    let _op = Operator::start(REKEY, c, &ns);
+    let spec = json!({
+        "credential": {"generated": {}},
+        "oldValueValidFor": "30m",
+        "targets": [{"name": "main", "kubernetesSecret": {"name": "app-secret", "key": "k"}}],
+        "proof": {"workloads": [{"kind": "Deployment", "name": "not-there"}], "timeout": "60s"}
+    });
+    create_rotation(&client, &ns, "app-secret", spec).await;
+    wait_phase(&client, &ns, "app-secret", Phase::Failed, LONG).await;
+
+    let get = c.kubectl(&["get", "srot", "-n", &ns]).unwrap();
+    assert!(
+        get.contains("REASON") && get.contains("WorkloadNotFound"),
+        "{get}"
+    );
+    let (ok, table) = plugin(c, &ns, &["status"]);
+    assert!(
+        ok && table.contains("REASON") && table.contains("WorkloadNotFound"),
+        "{table}"
+    );
+    let (ok, timeline) = plugin(c, &ns, &["status", "app-secret"]);
+    assert!(ok, "{timeline}");
+    let preflight: Vec<&str> = timeline
+        .lines()
+        .filter(|l| l.contains("Preflight") && (l.contains('✓') || l.contains('✗')))
+        .collect();
+    assert_eq!(preflight.len(), 1, "the failed phase once: {timeline}");
+    assert!(
+        preflight[0].contains('✗') && preflight[0].contains("WorkloadNotFound"),
+        "{timeline}"
+    );
+
+    let (ok, out) = plugin(c, &ns, &["status", "does-not-exist"]);
+    assert!(!ok, "{out}");
+    assert_eq!(
+        out.trim(),
+        format!("error: no SecretRotation named does-not-exist in namespace {ns}")
+    );
+}
+
 #[tokio::test]
 async fn every_example_manifest_is_accepted() {
     let c = common::cluster();

@@ -109,6 +109,16 @@ async fn generated_value_rotates_through_eso_and_rollout() {
         notes.iter().all(|(_, n)| n.contains(&last.id)),
         "every Event names the rotation id"
     );
+    // A generated value has no issuer: the success says nothing was invalidated.
+    let success = notes
+        .iter()
+        .find(|(r, _)| r == "RotationSucceeded")
+        .map(|(_, n)| n.clone())
+        .unwrap();
+    assert!(
+        success.contains("nothing was invalidated") && !success.contains("retired"),
+        "{success}"
+    );
     assert!(
         notes
             .iter()

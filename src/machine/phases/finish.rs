@@ -11,6 +11,7 @@ use super::super::{announce, claims};
 use crate::crd::Phase;
 use crate::decide::{self, summary};
 use crate::error::Result;
+use crate::plan::SourcePlan;
 
 /// How many finished rotations `status.history` keeps.
 const HISTORY_LIMIT: usize = 10;
@@ -106,11 +107,15 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
                 "Rotated",
                 &format!("Rotation {} succeeded", rot.id),
             );
+            let old_value = v
+                .plan()
+                .map(|p| old_value_note(&p.source, v.sr.spec.proof.nothing_to_prove))
+                .unwrap_or_default();
             (
                 EventType::Normal,
                 "RotationSucceeded",
                 format!(
-                    "Rotation {} succeeded in {:.0}s (versions: {}); the old value is retired",
+                    "Rotation {} succeeded in {:.0}s (versions: {}); {old_value}",
                     rot.id,
                     summary.duration_seconds,
                     versions.join(", ")
@@ -145,4 +150,37 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
         warn!(error = %e, "could not release the rotation's claims");
     }
     Ok(Action::requeue(v.ctx.poll))
+}
+
+/// What became of the old value, true for the source in use.
+fn old_value_note(source: &SourcePlan, nothing_to_prove: bool) -> String {
+    let invalidated = match source {
+        SourcePlan::Generated(_) => {
+            "the targets hold the new value; a generated value has no issuer, so nothing was invalidated"
+        }
+        SourcePlan::Webhook(_) => "the webhook invalidated the old value",
+        SourcePlan::Keycloak(_) => "Keycloak's previous client secret was invalidated",
+        SourcePlan::Manual(_) => "a person confirmed that the old value was invalidated",
+    };
+    if nothing_to_prove {
+        format!("{invalidated} (proof.nothingToProve: no consumer was proven to run the new value)")
+    } else {
+        invalidated.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_success_note_never_claims_an_invalidation_a_generated_source_cannot_make() {
+        let generated =
+            SourcePlan::Generated(serde_json::from_value(serde_json::json!({})).unwrap());
+        let note = old_value_note(&generated, false);
+        assert!(note.contains("nothing was invalidated"), "{note}");
+        assert!(!note.contains("retired"));
+        let unproven = old_value_note(&generated, true);
+        assert!(unproven.contains("no consumer was proven"), "{unproven}");
+    }
 }
