@@ -58,18 +58,34 @@ pub const DEFAULT_IBM_REQUESTS_PER_SECOND: f64 = 5.0;
 /// Bearer tokens by a key the provider chooses (e.g. the token URL and a
 /// digest of the credential), each until its refresh time.
 #[derive(Clone, Default)]
-pub struct Tokens(Arc<Mutex<HashMap<String, (SecretValue, Instant)>>>);
+pub struct Tokens {
+    tokens: Arc<Mutex<HashMap<String, (SecretValue, Instant)>>>,
+    fetching: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
 
 impl Tokens {
+    /// Held while a token for `key` is fetched, so that rotations that need
+    /// one at the same moment fetch it once (the others find it cached).
+    pub async fn fetch_turn(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = self
+            .fetching
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        turn.lock_owned().await
+    }
+
     /// The token under `key`, unless it is due for refresh.
     pub fn get(&self, key: &str) -> Option<SecretValue> {
-        let tokens = self.0.lock().unwrap();
+        let tokens = self.tokens.lock().unwrap();
         let (token, refresh_after) = tokens.get(key)?;
         (Instant::now() < *refresh_after).then(|| token.clone())
     }
 
     pub fn put(&self, key: &str, token: SecretValue, refresh_after: Instant) {
-        self.0
+        self.tokens
             .lock()
             .unwrap()
             .insert(key.to_string(), (token, refresh_after));
@@ -77,7 +93,7 @@ impl Tokens {
 
     /// Drops a token the service refused.
     pub fn forget(&self, key: &str) {
-        self.0.lock().unwrap().remove(key);
+        self.tokens.lock().unwrap().remove(key);
     }
 }
 

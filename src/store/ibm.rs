@@ -89,6 +89,11 @@ impl IbmSecretsManagerStore {
         if let Some(token) = self.tokens.get(&self.token_key) {
             return Ok(token);
         }
+        let _turn = self.tokens.fetch_turn(&self.token_key).await;
+        // Another rotation may have fetched it while this one waited.
+        if let Some(token) = self.tokens.get(&self.token_key) {
+            return Ok(token);
+        }
         let started = Instant::now();
         let resp = self
             .http
