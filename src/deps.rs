@@ -55,26 +55,42 @@ impl Deps {
 /// still rotates 50 secrets of one instance a minute.
 pub const DEFAULT_IBM_REQUESTS_PER_SECOND: f64 = 5.0;
 
-/// Bearer tokens by a key the provider chooses (e.g. the token URL and a
-/// digest of the credential), each until its refresh time.
-#[derive(Clone, Default)]
-pub struct Tokens {
-    tokens: Arc<Mutex<HashMap<String, (SecretValue, Instant)>>>,
-    fetching: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+/// One async lock per key (e.g. per service instance): who holds a key's
+/// lock has its turn; the others wait, first come, first served.
+struct Turns<T>(Mutex<HashMap<String, Arc<tokio::sync::Mutex<T>>>>);
+
+impl<T: Default> Default for Turns<T> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
 }
 
-impl Tokens {
-    /// Held while a token for `key` is fetched, so that rotations that need
-    /// one at the same moment fetch it once (the others find it cached).
-    pub async fn fetch_turn(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+impl<T: Default> Turns<T> {
+    async fn take(&self, key: &str) -> tokio::sync::OwnedMutexGuard<T> {
         let turn = self
-            .fetching
+            .0
             .lock()
             .unwrap()
             .entry(key.to_string())
             .or_default()
             .clone();
         turn.lock_owned().await
+    }
+}
+
+/// Bearer tokens by a key the provider chooses (e.g. the token URL and a
+/// digest of the credential), each until its refresh time.
+#[derive(Clone, Default)]
+pub struct Tokens {
+    tokens: Arc<Mutex<HashMap<String, (SecretValue, Instant)>>>,
+    fetching: Arc<Turns<()>>,
+}
+
+impl Tokens {
+    /// Held while a token for `key` is fetched, so that rotations that need
+    /// one at the same moment fetch it once (the others find it cached).
+    pub async fn fetch_turn(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.fetching.take(key).await
     }
 
     /// The token under `key`, unless it is due for refresh.
@@ -102,14 +118,11 @@ impl Tokens {
 /// second holds more than `per_second` of them (the 10% absorbs jitter on
 /// the way). Requests to one key wait in turn (first come, first served).
 /// 0 or less: no pacing.
-/// One key's turn: when its last request was sent, held while a request
-/// waits to go.
-type Turn = Arc<tokio::sync::Mutex<Option<TokioInstant>>>;
-
 #[derive(Clone)]
 pub struct Pace {
     interval: Option<Duration>,
-    last_sent: Arc<Mutex<HashMap<String, Turn>>>,
+    /// Per key: when its last request was sent.
+    last_sent: Arc<Turns<Option<TokioInstant>>>,
 }
 
 impl Pace {
@@ -126,14 +139,7 @@ impl Pace {
         let Some(interval) = self.interval else {
             return;
         };
-        let turn = self
-            .last_sent
-            .lock()
-            .unwrap()
-            .entry(key.to_string())
-            .or_default()
-            .clone();
-        let mut last = turn.lock().await;
+        let mut last = self.last_sent.take(key).await;
         tokio::time::sleep_until(next_slot(TokioInstant::now(), *last, interval)).await;
         *last = Some(TokioInstant::now());
     }

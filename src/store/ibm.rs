@@ -58,7 +58,7 @@ impl IbmSecretsManagerStore {
         target: &IbmSecretsManagerTarget,
         api_key: SecretValue,
     ) -> Self {
-        let api_key_ref = api_key.clone();
+        let token_key = token_key(&target.iam_url, &api_key);
         Self {
             http,
             metrics,
@@ -71,7 +71,7 @@ impl IbmSecretsManagerStore {
             api_key,
             target: target.clone(),
             tokens: Tokens::default(),
-            token_key: token_key(&target.iam_url, &api_key_ref),
+            token_key,
             pace: Pace::new(0.0),
             secret_id: Mutex::new(target.secret_id.clone()),
         }
