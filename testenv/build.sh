@@ -123,7 +123,13 @@ build_helm() {
     -o "$out/bin/helm" helm.sh/helm/v3/cmd/helm)
 }
 
-want=(kube kwok-stages eso moto keycloak helm)
+# Judges objects as Flux (kstatus) and Argo CD (a health.lua) do; see health/main.go.
+build_health() {
+  local out="$1"
+  (cd "$here/health" && go build -trimpath -ldflags "-s -w" -o "$out/bin/health" .)
+}
+
+want=(kube kwok-stages eso moto keycloak helm health)
 
 mkdir -p "$cache_root" "$repo/target"
 envfile="$repo/target/testenv.env"
@@ -136,6 +142,7 @@ for c in "${want[@]}"; do
     moto) dirs[moto]="$(component moto "$(key "$MOTO_VERSION" "$(declare -f build_moto)")" build_moto)" ;;
     keycloak) dirs[keycloak]="$(component keycloak "$(key "$KEYCLOAK_VERSION" "$(declare -f build_keycloak)")" build_keycloak)" ;;
     helm) dirs[helm]="$(component helm "$(key "$HELM_VERSION" "$here/helm/go.mod" "$here/helm/go.sum" "$(declare -f build_helm)")" build_helm)" ;;
+    health) dirs[health]="$(component health "$(key "$here/health/go.mod" "$here/health/go.sum" "$here/health/main.go" "$(declare -f build_health)")" build_health)" ;;
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
 done
@@ -149,6 +156,7 @@ done
   [[ -n "${dirs[keycloak]:-}" ]] && echo "REKEY_KEYCLOAK_HOME=${dirs[keycloak]}/keycloak" \
     && echo "REKEY_JAVA_HOME=$("$here/java21.sh")"
   [[ -n "${dirs[helm]:-}" ]] && echo "REKEY_HELM=${dirs[helm]}/bin/helm"
+  [[ -n "${dirs[health]:-}" ]] && echo "REKEY_HEALTH_BIN=${dirs[health]}/bin/health"
   echo "REKEY_K8S_VERSION=${K8S_VERSION}"
 } > "$envfile"
 log "environment ready: $envfile"

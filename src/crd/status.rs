@@ -33,15 +33,23 @@ pub struct SecretRotationStatus {
     /// The `rekey.dev/rotate` annotation value the last rotation served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_rotate_request: Option<String>,
-    /// A request that arrived during the current rotation; served after it.
+    /// A request that arrived during the current rotation, or that waits for
+    /// a start slot; served after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_request: Option<String>,
-    /// `Ready`: the credential is rotated and proven (False after a failure).
-    /// `Rotating`: a rotation is in progress (reason: its phase).
-    /// `GraceWindowAtRisk`: proof is late relative to `oldValueValidFor`.
+    /// kstatus conditions, read by `kubectl wait`, Flux and Argo CD:
+    /// `Ready`: nothing requested is outstanding and the last rotation did
+    /// not fail (a scheduled rotation in progress keeps the last result).
+    /// `Reconciling`: a rotation requested by creation, `spec.trigger` or the
+    /// `rekey.dev/rotate` annotation is in progress (reason: its phase).
+    /// `Stalled`: the last rotation failed (reason: why); request a new one.
+    /// Also `Rotating`: any rotation, scheduled ones too (reason: its phase);
+    /// `GraceWindowAtRisk`: proof is late relative to `oldValueValidFor`;
+    /// `Scheduled` and `CompetingRestarter`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The metadata.generation this status was computed for.
+    /// The metadata.generation this status was computed for. A request by
+    /// annotation does not change the generation: see docs/gitops.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

@@ -5,6 +5,7 @@
 
 pub mod consumers;
 pub mod grace;
+pub mod health;
 pub mod herd;
 pub mod request;
 pub mod rollout;
@@ -14,6 +15,7 @@ pub mod transition;
 pub use grace::{
     Grace, budget_problem, grace, grace_left, safety_margin, timed_out, under_proof_deadline,
 };
+pub use health::{Health, health};
 pub use herd::{StartBucket, StartRate, jitter_for};
 pub use request::{Request, Served, cron_is_valid, next_cron, next_rotation_at, rotation_request};
 pub use rollout::{RolloutFacts, on_rotation_template, rollout_complete, started_after_sync};

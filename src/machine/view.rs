@@ -25,9 +25,14 @@ use crate::wal::Wal;
 
 /// Condition types rekey sets.
 pub mod condition {
-    /// The last rotation succeeded (False after a failure).
+    /// kstatus: nothing requested is outstanding and the last rotation
+    /// did not fail (see `decide::health`).
     pub const READY: &str = "Ready";
-    /// A rotation is in progress; the reason is its phase.
+    /// kstatus: a requested rotation is in progress; the reason is its phase.
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus: the last rotation failed; a new request is needed.
+    pub const STALLED: &str = "Stalled";
+    /// Any rotation (scheduled ones too) is in progress; the reason is its phase.
     pub const ROTATING: &str = "Rotating";
     /// Proof is late relative to `oldValueValidFor`.
     pub const GRACE_WINDOW_AT_RISK: &str = "GraceWindowAtRisk";
@@ -238,9 +243,29 @@ impl View {
         }
     }
 
+    /// Sets the kstatus conditions from the status, and stamps every
+    /// condition and the status with the generation this reconcile read:
+    /// `kubectl wait` and kstatus ignore a condition older than the spec.
+    fn set_health(&mut self) {
+        let health = decide::health(&self.status);
+        for (type_, c) in [
+            (condition::READY, health.ready),
+            (condition::RECONCILING, health.reconciling),
+            (condition::STALLED, health.stalled),
+        ] {
+            self.set_condition(type_, c.status, &c.reason, &c.message);
+        }
+        let generation = self.sr.metadata.generation;
+        for c in &mut self.status.conditions {
+            c.observed_generation = generation;
+        }
+        self.status.observed_generation = generation;
+    }
+
     /// Server-side applies the whole status, only when it changed, and only
     /// onto the object version this reconcile is based on.
     pub async fn write_status(&mut self) -> Result<()> {
+        self.set_health();
         if self.status == self.written {
             return Ok(());
         }

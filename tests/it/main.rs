@@ -10,6 +10,7 @@ mod budget;
 mod consumers;
 mod crd;
 mod environment;
+mod gitops;
 mod herds;
 mod keycloak;
 mod machine;

@@ -1,4 +1,5 @@
-//! The end of a rotation: summary and history, conditions, then the
+//! The end of a rotation: summary and history, conditions (Ready and
+//! Stalled follow from the summary, `decide::health`), then the
 //! announcement, then the write-ahead record is deleted.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -64,12 +65,6 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
                         .to_string()
                 }
             };
-            v.set_condition(
-                condition::READY,
-                "False",
-                &f.reason,
-                &format!("Rotation {} failed in {}: {}", rot.id, f.phase, f.message),
-            );
             (
                 EventType::Warning,
                 "RotationFailed",
@@ -79,34 +74,20 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
                 ),
             )
         }
-        (Phase::DryRunSucceeded, _) => {
-            v.set_condition(
-                condition::READY,
-                "True",
-                "DryRunSucceeded",
-                &format!("Dry run {}: every preflight check passed", rot.id),
-            );
-            (
-                EventType::Normal,
-                "DryRunSucceeded",
-                format!(
-                    "Dry run {}: every preflight check passed; nothing was changed",
-                    rot.id
-                ),
-            )
-        }
+        (Phase::DryRunSucceeded, _) => (
+            EventType::Normal,
+            "DryRunSucceeded",
+            format!(
+                "Dry run {}: every preflight check passed; nothing was changed",
+                rot.id
+            ),
+        ),
         _ => {
             let versions: Vec<String> = rot
                 .targets
                 .iter()
                 .map(|t| format!("{}={}", t.name, t.version))
                 .collect();
-            v.set_condition(
-                condition::READY,
-                "True",
-                "Rotated",
-                &format!("Rotation {} succeeded", rot.id),
-            );
             let old_value = v
                 .plan()
                 .map(|p| old_value_note(&p.source, v.sr.spec.proof.nothing_to_prove))

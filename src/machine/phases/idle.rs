@@ -38,6 +38,7 @@ pub async fn run(v: &mut View) -> Result<Action> {
                 v.ctx.start_rate.map_or(0, |r| r.per_minute)
             );
             v.set_condition(condition::ROTATING, "False", "StartRateLimited", &message);
+            v.status.pending_request = Some(request.as_str().into());
             v.write_status().await?;
             return Ok(Action::requeue(wait.max(Duration::from_millis(100))));
         }
@@ -68,7 +69,6 @@ pub async fn run(v: &mut View) -> Result<Action> {
         .and_then(|t| decide::next_rotation_at(v.sr.spec.schedule.as_ref(), t, &uid))
         .map(Time);
     v.status.pending_request = None;
-    v.status.observed_generation = v.sr.metadata.generation;
     report_schedule(v).await;
     if !v.has_condition(condition::ROTATING) {
         v.set_condition(
@@ -102,15 +102,6 @@ async fn start(v: &mut View, request: Request) -> Result<Action> {
     });
     v.status.phase = Some(Phase::Pending);
     v.status.pending_request = None;
-    v.status.observed_generation = v.sr.metadata.generation;
-    if !v.has_condition(condition::READY) {
-        v.set_condition(
-            condition::READY,
-            "Unknown",
-            "NotYetRotated",
-            "The first rotation has not finished yet",
-        );
-    }
     v.set_condition(
         condition::GRACE_WINDOW_AT_RISK,
         "False",
