@@ -36,9 +36,9 @@ bench: testenv ## measure rekey's cost (release build): prints a table, writes b
 bench-full: testenv ## make bench, plus the scale curve 50…1,000 rotations, three runs each (slow)
 	REKEY_BENCH_FULL=1 $(CARGO) bench --locked --bench rekey
 
-crds: ## regenerate crds/ from the Rust types
+crds: ## regenerate crds/ and the chart's CRD template from the Rust types
 	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml
-	cp crds/secretrotation.yaml charts/rekey/crds/secretrotation.yaml
+	./scripts/chart-crd.sh < crds/secretrotation.yaml > charts/rekey/templates/crd-secretrotation.yaml
 
 cluster: testenv ## start the environment in the background; writes .cluster/kubeconfig and .cluster/env
 	./scripts/cluster.sh up
@@ -47,6 +47,10 @@ cluster-down: ## stop the background environment, leave no process
 	./scripts/cluster.sh down
 
 chart-install: cluster ## install the Helm chart into the local cluster (acting in namespace rekey-demo)
+	@# A CRD applied with kubectl (`make demo`) is handed to the release first (README: Upgrading the CRD).
+	. .cluster/env && if kubectl get crd secretrotations.rekey.dev >/dev/null 2>&1; then \
+	  kubectl label --overwrite crd secretrotations.rekey.dev app.kubernetes.io/managed-by=Helm && \
+	  kubectl annotate --overwrite crd secretrotations.rekey.dev meta.helm.sh/release-name=rekey meta.helm.sh/release-namespace=rekey-system; fi
 	. target/testenv.env && . .cluster/env && kubectl create namespace rekey-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null && \
 	  "$$REKEY_HELM" upgrade --install rekey charts/rekey --namespace rekey-system --create-namespace \
 	    --kubeconfig .cluster/kubeconfig --set 'namespaces={rekey-demo}' --wait --timeout 2m

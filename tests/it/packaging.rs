@@ -20,13 +20,17 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn helm(c: &Cluster, args: &[&str]) -> String {
+fn helm_output(c: &Cluster, args: &[&str]) -> std::process::Output {
     let bin = c
         .bins
         .all
         .get("REKEY_HELM")
         .expect("REKEY_HELM missing: run `make testenv`");
-    let out = Command::new(bin).args(args).output().unwrap();
+    Command::new(bin).args(args).output().unwrap()
+}
+
+fn helm(c: &Cluster, args: &[&str]) -> String {
+    let out = helm_output(c, args);
     assert!(
         out.status.success(),
         "helm {args:?}: {}",
@@ -35,29 +39,77 @@ fn helm(c: &Cluster, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The objects `helm template` renders from the chart with `extra` arguments.
+fn rendered(c: &Cluster, extra: &[&str]) -> Vec<serde_yaml::Value> {
+    let chart = repo_root().join("charts/rekey").display().to_string();
+    let mut args = vec!["template", "x", chart.as_str()];
+    args.extend_from_slice(extra);
+    helm(c, &args)
+        .split("\n---")
+        .filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok())
+        .filter(|d| d.get("kind").is_some())
+        .collect()
+}
+
+fn kind(d: &serde_yaml::Value) -> &str {
+    d["kind"].as_str().unwrap_or_default()
+}
+
+/// The chart installs and upgrades the CRD as a template: exactly the
+/// committed `crds/secretrotation.yaml` (`make crds`) plus the chart's labels
+/// and, unless `crds.keep=false`, the annotation that keeps it on `helm
+/// uninstall`; `crds.enabled=false` leaves it out.
 #[test]
 fn chart_lints_and_ships_the_committed_crd() {
     let c = common::cluster();
     let chart = repo_root().join("charts/rekey");
     helm(c, &["lint", "--strict", &chart.display().to_string()]);
-    let shipped = std::fs::read_to_string(chart.join("crds/secretrotation.yaml")).unwrap();
-    let committed = std::fs::read_to_string(repo_root().join("crds/secretrotation.yaml")).unwrap();
+    let crd = |extra: &[&str]| {
+        rendered(c, extra)
+            .into_iter()
+            .find(|d| kind(d) == "CustomResourceDefinition")
+    };
+    let committed: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("crds/secretrotation.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut shipped = crd(&[]).expect("a plain install installs the CRD");
+    let metadata = shipped["metadata"].as_mapping_mut().unwrap();
+    let labels = metadata.remove("labels").expect("the chart's labels");
+    let annotations = metadata.remove("annotations").expect("an annotation");
+    assert_eq!(labels["app.kubernetes.io/name"].as_str(), Some("rekey"));
+    assert_eq!(labels["app.kubernetes.io/instance"].as_str(), Some("x"));
+    assert_eq!(
+        annotations,
+        serde_yaml::from_str::<serde_yaml::Value>("helm.sh/resource-policy: keep").unwrap(),
+        "kept on uninstall by default"
+    );
     assert!(
         shipped == committed,
-        "charts/rekey/crds is stale: run `make crds`"
+        "charts/rekey/templates/crd-secretrotation.yaml is stale: run `make crds`"
+    );
+    let unkept = crd(&["--set", "crds.keep=false"]).unwrap();
+    assert!(
+        unkept["metadata"].get("annotations").is_none(),
+        "crds.keep=false: {:?}",
+        unkept["metadata"]
+    );
+    assert!(unkept["metadata"].get("labels").is_some());
+    assert!(
+        crd(&["--set", "crds.enabled=false"]).is_none(),
+        "crds.enabled=false renders no CRD"
     );
     // More than one replica without leader election is refused.
-    let bin = c.bins.all.get("REKEY_HELM").unwrap();
-    let out = Command::new(bin)
-        .args([
+    let out = helm_output(
+        c,
+        &[
             "template",
             "x",
             &chart.display().to_string(),
             "--set",
             "replicas=2",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("leaderElection.enabled=true"));
 }
@@ -68,17 +120,7 @@ fn chart_lints_and_ships_the_committed_crd() {
 #[test]
 fn chart_defaults_are_safe() {
     let c = common::cluster();
-    let chart = repo_root().join("charts/rekey").display().to_string();
-    let docs = |extra: &[&str]| -> Vec<serde_yaml::Value> {
-        let mut args = vec!["template", "x", chart.as_str()];
-        args.extend_from_slice(extra);
-        let out = helm(c, &args);
-        out.split("\n---")
-            .filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok())
-            .filter(|d| d.get("kind").is_some())
-            .collect()
-    };
-    let kind = |d: &serde_yaml::Value| d["kind"].as_str().unwrap_or_default().to_string();
+    let docs = |extra: &[&str]| rendered(c, extra);
     let default = docs(&[]);
     let deployment = default.iter().find(|d| kind(d) == "Deployment").unwrap();
     assert_eq!(
@@ -109,8 +151,11 @@ fn chart_defaults_are_safe() {
 }
 
 /// Installs the chart (rendered by helm, applied to the real API server) into
-/// a namespace enforcing Pod Security `restricted`, acting in `watched`.
+/// a namespace enforcing Pod Security `restricted`, acting in `watched`. The
+/// CRD is the harness's (`install_crd`): the chart's would be applied to every
+/// test of the shared cluster.
 async fn install_chart(c: &Cluster, client: &kube::Client, watched: &str) -> String {
+    install_crd(c);
     let release_ns = common::namespace(client, "rekey-system").await;
     c.kubectl(&[
         "label",
@@ -132,6 +177,8 @@ async fn install_chart(c: &Cluster, client: &kube::Client, watched: &str) -> Str
             &format!("namespaces={{{watched}}}"),
             "--set",
             "image.tag=test",
+            "--set",
+            "crds.enabled=false",
         ],
     );
     c.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &manifest)
@@ -656,6 +703,8 @@ async fn cluster_mode_writes_secrets_only_where_granted() {
             &format!("secretWriteNamespaces={{{granted}}}"),
             "--set",
             "image.tag=test",
+            "--set",
+            "crds.enabled=false",
         ],
     );
     assert!(manifest.contains("kind: ClusterRole"), "cluster mode");
@@ -701,4 +750,315 @@ async fn cluster_mode_writes_secrets_only_where_granted() {
     assert!(f.message.contains("forbidden"), "{f:?}");
     assert!(read_key(&client, &other, "app-creds", "k").await.is_none());
     assert!(op.logs().contains("rekey starting"));
+}
+
+/// Issue "CRDs that upgrade": from a chart that shipped the CRD in `crds/`
+/// (created once by Helm, never upgraded, not part of the release) to the CRD
+/// as a template. After the documented adoption step `helm upgrade` brings
+/// the CRD's newer schema and column, and every SecretRotation keeps its
+/// spec and status; `helm uninstall` keeps the CRD and every SecretRotation;
+/// installing again takes the kept CRD back.
+#[tokio::test]
+async fn helm_upgrade_adopts_and_upgrades_the_crd_and_uninstall_keeps_it() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, PostParams};
+    // The CRD is cluster-wide: an older one and an uninstall would disturb
+    // every other test of the shared cluster.
+    let opts = common::Options {
+        nodes: 1,
+        eso: false,
+        moto: false,
+        ..common::Options::default()
+    };
+    let (c, client, ns) = common::setup_private("crd-upgrade", opts).await;
+    let c = &c;
+    let release_ns = common::namespace_in(c, &client, "rekey-system").await;
+    let chart = repo_root().join("charts/rekey").display().to_string();
+    let kubeconfig = c.kubeconfig.display().to_string();
+    let namespaces = format!("namespaces={{{ns}}}");
+    let release = |verb: &str, chart: &str, extra: &[&str]| {
+        let mut args = vec![verb, "rekey", chart, "--namespace", release_ns.as_str()];
+        args.extend(["--kubeconfig", kubeconfig.as_str()]);
+        args.extend_from_slice(extra);
+        helm_output(c, &args)
+    };
+    let values = ["--set", namespaces.as_str(), "--set", "image.tag=test"];
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd_name = "secretrotations.rekey.dev";
+    let crd_json = || async { serde_json::to_value(crds.get(crd_name).await.unwrap()).unwrap() };
+    let version = |crd: &Value| crd["spec"]["versions"][0].clone();
+    let has_reason_column = |crd: &Value| {
+        version(crd)["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|col| col["name"] == "Reason")
+    };
+    let has_rotate_on_create = |crd: &Value| {
+        !version(crd)["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["rotateOnCreate"]
+            .is_null()
+    };
+
+    // (a) Today's chart: the CRD in `crds/`, which Helm creates on the first
+    // install without making it part of the release, and no `crds` values.
+    // Its CRD lacks what the chart's CRD has now: the `Reason` column and the
+    // `rotateOnCreate` field.
+    let mut older: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("crds/secretrotation.yaml")).unwrap(),
+    )
+    .unwrap();
+    let v = &mut older["spec"]["versions"][0];
+    v["additionalPrinterColumns"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|col| col["name"] != "Reason");
+    v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("rotateOnCreate")
+        .expect("the current CRD has rotateOnCreate");
+    let today = c.dir.join("chart-today");
+    let copied = Command::new("cp")
+        .args(["-r", &chart, &today.display().to_string()])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::remove_file(today.join("templates/crd-secretrotation.yaml")).unwrap();
+    let mut today_values: serde_yaml::Mapping =
+        serde_yaml::from_str(&std::fs::read_to_string(today.join("values.yaml")).unwrap()).unwrap();
+    today_values.remove("crds").unwrap();
+    std::fs::write(
+        today.join("values.yaml"),
+        serde_yaml::to_string(&today_values).unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir(today.join("crds")).unwrap();
+    std::fs::write(
+        today.join("crds/secretrotation.yaml"),
+        serde_yaml::to_string(&older).unwrap(),
+    )
+    .unwrap();
+    let out = release("install", &today.display().to_string(), &values);
+    assert!(out.status.success(), "{out:?}");
+    let before_crd = crd_json().await;
+    assert!(!has_reason_column(&before_crd) && !has_rotate_on_create(&before_crd));
+    assert!(
+        before_crd["metadata"]["labels"].is_null(),
+        "Helm did not label the CRD from crds/"
+    );
+
+    // SecretRotations (two with a status), and a Secret one of them writes.
+    let ar = ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("rekey.dev", "v1alpha1", "SecretRotation"),
+        "secretrotations",
+    );
+    let srots: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+    let target = |secret: &str| json!([{"name": "main", "kubernetesSecret": {"name": secret, "key": "k", "adoptExisting": true}}]);
+    let specs = [
+        (
+            "failed",
+            json!({"credential": {"generated": {}}, "targets": target("app-creds"),
+                   "proof": {"workloads": [{"kind": "Deployment", "name": "app"}]},
+                   "trigger": "CHG0012345", "onFailure": "Rollback"}),
+        ),
+        (
+            "scheduled",
+            json!({"credential": {"generated": {}}, "targets": target("other-creds"),
+                   "proof": {"nothingToProve": true}, "oldValueValidFor": "2h",
+                   "schedule": {"every": "2160h"}, "approval": {"required": true}}),
+        ),
+        (
+            "new",
+            json!({"credential": {"generated": {}}, "targets": target("third-creds"),
+                   "proof": {"nothingToProve": true}, "dryRun": true}),
+        ),
+    ];
+    for (name, spec) in &specs {
+        let sr: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "rekey.dev/v1alpha1", "kind": "SecretRotation",
+            "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap();
+        srots.create(&PostParams::default(), &sr).await.unwrap();
+    }
+    let finished = json!({"id": "r-1", "reason": "Trigger", "result": "Failed",
+        "durationSeconds": 4.5, "finishedAt": "2026-01-05T10:00:00Z",
+        "failure": {"phase": "Preflight", "reason": "WorkloadNotFound",
+                    "message": "Deployment app does not exist"}});
+    let statuses = [
+        (
+            "failed",
+            json!({"phase": "Failed", "observedTrigger": "CHG0012345",
+                   "lastRotation": finished, "history": [finished]}),
+        ),
+        (
+            "scheduled",
+            json!({"phase": "Succeeded", "nextRotationAt": "2026-04-05T10:00:00Z",
+                   "observedGeneration": 1}),
+        ),
+    ];
+    for (name, status) in &statuses {
+        srots
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .unwrap();
+    }
+    put_secret(&client, &ns, "app-creds", json!({"k": "current-value"})).await;
+    // What a user has: name → (uid, spec, status).
+    let snapshot = || async {
+        let mut all = std::collections::BTreeMap::new();
+        for sr in srots.list(&Default::default()).await.unwrap() {
+            let name = sr.metadata.name.clone().unwrap();
+            let uid = sr.metadata.uid.clone().unwrap();
+            assert!(
+                sr.metadata.deletion_timestamp.is_none(),
+                "{name} is being deleted"
+            );
+            all.insert(
+                name,
+                (uid, sr.data["spec"].clone(), sr.data["status"].clone()),
+            );
+        }
+        all
+    };
+    let before = snapshot().await;
+    assert_eq!(before.len(), 3);
+    for (name, status) in &statuses {
+        assert_eq!(&before[*name].2, status, "{name}: status stored as written");
+    }
+    // Today's CRD has no rotateOnCreate: kubectl refuses it.
+    let restore = format!(
+        "apiVersion: rekey.dev/v1alpha1\nkind: SecretRotation\nmetadata: {{name: restored, namespace: {ns}}}\nspec:\n  credential: {{generated: {{}}}}\n  targets: [{{name: main, kubernetesSecret: {{name: restored-creds, key: k}}}}]\n  proof: {{nothingToProve: true}}\n  rotateOnCreate: false\n"
+    );
+    let refused = c
+        .kubectl_stdin(&["apply", "-f", "-"], &restore)
+        .unwrap_err();
+    assert!(refused.to_string().contains("rotateOnCreate"), "{refused}");
+
+    // (b) Without the adoption step Helm refuses the CRD it did not create,
+    // and changes nothing.
+    let out = release("upgrade", &chart, &["--reset-then-reuse-values"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("invalid ownership metadata"),
+        "{stderr}"
+    );
+    assert!(!has_reason_column(&crd_json().await));
+    // The adoption step, as README.md's "Upgrading the CRD" gives it.
+    c.kubectl(&[
+        "label",
+        "crd",
+        crd_name,
+        "app.kubernetes.io/managed-by=Helm",
+    ])
+    .unwrap();
+    c.kubectl(&[
+        "annotate",
+        "crd",
+        crd_name,
+        "meta.helm.sh/release-name=rekey",
+        &format!("meta.helm.sh/release-namespace={release_ns}"),
+    ])
+    .unwrap();
+    let out = release("upgrade", &chart, &["--reset-then-reuse-values"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // The CRD is the same object (never deleted: deleting it deletes every
+    // SecretRotation), now with the new schema and column, owned by Helm.
+    let upgraded = crd_json().await;
+    assert_eq!(
+        upgraded["metadata"]["uid"], before_crd["metadata"]["uid"],
+        "the CRD was not recreated"
+    );
+    assert!(has_reason_column(&upgraded) && has_rotate_on_create(&upgraded));
+    assert_eq!(
+        upgraded["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let manifest = helm(
+        c,
+        &[
+            "get",
+            "manifest",
+            "rekey",
+            "--namespace",
+            &release_ns,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    );
+    assert!(
+        manifest.contains("kind: CustomResourceDefinition"),
+        "the release owns the CRD"
+    );
+    assert_eq!(snapshot().await, before, "every SecretRotation is intact");
+    assert_eq!(
+        read_key(&client, &ns, "app-creds", "k").await.as_deref(),
+        Some("current-value")
+    );
+    // The new field is accepted and kept (once the API server serves the
+    // new schema), and the new column shows the stored failure reason.
+    common::wait_for("the new schema served", LONG, || async {
+        c.kubectl_stdin(&["apply", "-f", "-"], &restore).is_ok()
+    })
+    .await;
+    let restored = srots.get("restored").await.unwrap();
+    assert_eq!(restored.data["spec"]["rotateOnCreate"], false);
+    common::wait_for("the Reason column", LONG, || async {
+        c.kubectl(&["get", "srot", "-n", &ns, "failed"])
+            .is_ok_and(|out| out.contains("REASON") && out.contains("WorkloadNotFound"))
+    })
+    .await;
+
+    // (c) `helm uninstall` removes the release (the operator's Deployment)
+    // but keeps the CRD, every SecretRotation and the Secrets.
+    let before = snapshot().await;
+    assert_eq!(before.len(), 4);
+    let out = helm(
+        c,
+        &[
+            "uninstall",
+            "rekey",
+            "--namespace",
+            &release_ns,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    );
+    assert!(out.contains(crd_name), "Helm says what it kept: {out}");
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &release_ns);
+    common::wait_for("the operator's Deployment gone", LONG, || async {
+        deploys.get_opt("rekey").await.unwrap().is_none()
+    })
+    .await;
+    let kept = crds.get(crd_name).await.unwrap();
+    assert!(
+        kept.metadata.deletion_timestamp.is_none(),
+        "the CRD is being deleted, and with it every SecretRotation"
+    );
+    assert_eq!(
+        serde_json::to_value(&kept).unwrap()["metadata"]["uid"],
+        before_crd["metadata"]["uid"]
+    );
+    // Deletion would be asynchronous: look again after a while.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(snapshot().await, before, "every SecretRotation is kept");
+    assert_eq!(
+        read_key(&client, &ns, "app-creds", "k").await.as_deref(),
+        Some("current-value")
+    );
+
+    // Installing again takes the kept CRD back, without the adoption step.
+    let out = release("install", &chart, &values);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        crd_json().await["metadata"]["uid"],
+        before_crd["metadata"]["uid"]
+    );
+    assert_eq!(snapshot().await, before);
 }
