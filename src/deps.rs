@@ -9,7 +9,12 @@ use std::time::{Duration, Instant};
 
 use tokio::time::Instant as TokioInstant;
 
-use k8s_openapi::api::core::v1::Secret;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_sdk_secretsmanager::config::{IdentityCache, SharedIdentityCache};
+use aws_smithy_async::time::SharedTimeSource;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::error::{Error, Result};
@@ -27,6 +32,9 @@ pub struct Deps {
     pub tokens: Tokens,
     /// Paces the requests to each IBM Secrets Manager instance.
     pub ibm_pace: Pace,
+    /// AWS credentials assumed with ServiceAccount tokens, shared by the
+    /// stores built for every reconcile.
+    pub aws: AwsIdentities,
 }
 
 impl Deps {
@@ -40,12 +48,119 @@ impl Deps {
             metrics,
             tokens: Tokens::default(),
             ibm_pace: Pace::new(DEFAULT_IBM_REQUESTS_PER_SECOND),
+            aws: AwsIdentities::new(SharedTimeSource::default()),
         }
     }
 
     /// Reads one key of a Secret in `namespace` as a value.
     pub async fn secret_key(&self, namespace: &str, name: &str, key: &str) -> Result<SecretValue> {
         read_secret_key(&self.client, namespace, name, key).await
+    }
+
+    /// The clock AWS credentials are judged by (a test injects its own).
+    pub fn with_aws_time_source(mut self, time: SharedTimeSource) -> Self {
+        self.aws = AwsIdentities::new(time);
+        self
+    }
+
+    /// A short-lived token of ServiceAccount `name` in `namespace` for `audience`.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: &str,
+    ) -> Result<SecretValue> {
+        service_account_token(&self.client, namespace, name, audience).await
+    }
+}
+
+/// How long a requested ServiceAccount token lives: it is exchanged at once,
+/// and 10 minutes is the least the API server grants.
+pub const SERVICE_ACCOUNT_TOKEN_SECONDS: i64 = 600;
+
+/// Requests a token of ServiceAccount `name` in `namespace` for `audience`
+/// (TokenRequest API, `create` on `serviceaccounts/token`). The identity of
+/// a namespace's workloads, never the operator's own: a SecretRotation can
+/// only name ServiceAccounts of its own namespace.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    audience: &str,
+) -> Result<SecretValue> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_string()]),
+            expiration_seconds: Some(SERVICE_ACCOUNT_TOKEN_SECONDS),
+            bound_object_ref: None,
+        }),
+        ..Default::default()
+    };
+    let answer = api
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .map_err(|e| {
+            Error::kube(
+                &format!("request a token of ServiceAccount {namespace}/{name}"),
+                e,
+            )
+        })?;
+    answer
+        .status
+        .and_then(|s| s.token)
+        .map(SecretValue::new)
+        .filter(|t| !t.expose().is_empty())
+        .ok_or_else(|| {
+            Error::permanent(
+                Reason::KubernetesApiError,
+                format!("the API server answered no token for ServiceAccount {namespace}/{name}"),
+            )
+        })
+}
+
+/// AWS credentials are refreshed when they have less than this left (the
+/// SDK's lazy cache moves the point by a random jitter of up to half of it
+/// towards expiry: at the latest 150 s before), so no rotation's call runs
+/// on credentials about to lapse.
+pub const AWS_REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
+
+/// AWS credential providers by identity (namespace, ServiceAccount, role,
+/// region, endpoints), and the SDK's lazy identity cache they share: each
+/// provider is one cache partition, loaded on first use and again before
+/// its credentials expire, whichever reconcile asks.
+#[derive(Clone)]
+pub struct AwsIdentities {
+    pub cache: SharedIdentityCache,
+    pub time: SharedTimeSource,
+    providers: Arc<Mutex<HashMap<String, SharedCredentialsProvider>>>,
+}
+
+impl AwsIdentities {
+    pub fn new(time: SharedTimeSource) -> Self {
+        Self {
+            cache: IdentityCache::lazy()
+                .time_source(time.clone())
+                .buffer_time(AWS_REFRESH_BEFORE_EXPIRY)
+                .max_partitions(4096)
+                .build(),
+            time,
+            providers: Arc::default(),
+        }
+    }
+
+    /// The provider under `key`, made by `make` the first time.
+    pub fn provider(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> SharedCredentialsProvider,
+    ) -> SharedCredentialsProvider {
+        self.providers
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_insert_with(make)
+            .clone()
     }
 }
 

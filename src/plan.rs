@@ -114,6 +114,9 @@ impl Plan {
                     if let Some(e) = a.endpoint.as_deref() {
                         urls.push(("awsSecretsManager.endpoint", e));
                     }
+                    if let Some(e) = a.sts_endpoint.as_deref() {
+                        urls.push(("awsSecretsManager.stsEndpoint", e));
+                    }
                 }
                 StorePlan::KubernetesSecret(_) => {}
             }

@@ -289,6 +289,7 @@ pub struct Target {
 /// rotation; a retried write finds it and creates nothing.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("has(self.secretId) != has(self.secretName)").message("ibmSecretsManager must set exactly one of secretId, secretName"))]
+#[x_kube(validation = Rule::new("has(self.apiKeySecretRef) != has(self.trustedProfile)").message("ibmSecretsManager must set exactly one of apiKeySecretRef (an API key) or trustedProfile (a ServiceAccount of this namespace)"))]
 #[serde(rename_all = "camelCase")]
 pub struct IbmSecretsManagerTarget {
     /// The instance's endpoint, e.g.
@@ -320,12 +321,46 @@ pub struct IbmSecretsManagerTarget {
     #[schemars(length(max = 253))]
     pub key: Option<String>,
     /// Secret (same namespace) and key holding an IBM Cloud API key allowed to
-    /// read and write the secret.
-    pub api_key_secret_ref: SecretKeyRef,
+    /// read and write the secret. The static fallback: prefer `trustedProfile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Authenticate as an IAM trusted profile instead of with an API key:
+    /// rekey requests a short-lived token (audience `iam`) for a
+    /// ServiceAccount of this SecretRotation's namespace and exchanges it at
+    /// IAM (grant type `cr-token`) for the profile's access token. The
+    /// profile must trust that ServiceAccount (a compute-resource link to the
+    /// cluster, namespace and ServiceAccount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_profile: Option<IbmTrustedProfile>,
     /// IAM endpoint that exchanges the API key for a token.
     #[serde(default = "default_iam_url")]
     #[schemars(length(min = 1, max = 2048))]
     pub iam_url: String,
+}
+
+/// An IAM trusted profile that a ServiceAccount of the SecretRotation's
+/// namespace may assume.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IbmTrustedProfile {
+    /// The trusted profile's id, e.g. `Profile-8b1ec0a1-...`.
+    #[schemars(length(min = 1, max = 128))]
+    pub profile_id: String,
+    /// The ServiceAccount (same namespace) whose token IAM exchanges.
+    pub service_account_ref: ServiceAccountRef,
+}
+
+/// A ServiceAccount in the namespace of the SecretRotation: rekey requests
+/// short-lived tokens for it (TokenRequest API), never uses its own identity.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountRef {
+    /// Name of the ServiceAccount.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
 }
 
 fn default_iam_url() -> String {
@@ -337,6 +372,8 @@ fn default_iam_url() -> String {
 /// rotation id) staged `AWSPENDING`, then `AWSCURRENT` moves to it and the old
 /// version keeps `AWSPREVIOUS`. Rollback moves `AWSCURRENT` back.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.credentialsSecretRef) ? !has(self.serviceAccountRef) && !has(self.roleArn) : has(self.serviceAccountRef) && has(self.roleArn)")
+    .message("awsSecretsManager must set exactly one identity: credentialsSecretRef (static keys), or serviceAccountRef together with roleArn (a ServiceAccount of this namespace assumes the role)"))]
 #[serde(rename_all = "camelCase")]
 pub struct AwsSecretsManagerTarget {
     /// AWS region, e.g. `eu-central-1`.
@@ -351,12 +388,32 @@ pub struct AwsSecretsManagerTarget {
     #[schemars(length(max = 253))]
     pub key: Option<String>,
     /// Secret (same namespace) with keys `AWS_ACCESS_KEY_ID`,
-    /// `AWS_SECRET_ACCESS_KEY` and optionally `AWS_SESSION_TOKEN`.
-    pub credentials_secret_ref: LocalSecretRef,
+    /// `AWS_SECRET_ACCESS_KEY` and optionally `AWS_SESSION_TOKEN`. The static
+    /// fallback: prefer `serviceAccountRef` with `roleArn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<LocalSecretRef>,
+    /// A ServiceAccount (same namespace) that assumes `roleArn`: rekey
+    /// requests a short-lived token for it (audience `sts.amazonaws.com`) and
+    /// exchanges it with STS AssumeRoleWithWebIdentity. The role's trust
+    /// policy must trust the cluster's OIDC issuer for
+    /// `system:serviceaccount:<namespace>:<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<ServiceAccountRef>,
+    /// The IAM role to assume with `serviceAccountRef`, e.g.
+    /// `arn:aws:iam::123456789012:role/rekey-ai-component`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 20, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('arn:')").message("roleArn must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/name"))]
+    pub role_arn: Option<String>,
     /// Endpoint override, e.g. a VPC endpoint or a local emulator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     pub endpoint: Option<String>,
+    /// STS endpoint override for `serviceAccountRef` (default: the region's
+    /// STS endpoint), e.g. an STS VPC endpoint or a local emulator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub sts_endpoint: Option<String>,
 }
 
 /// A Secret in the namespace of the SecretRotation.

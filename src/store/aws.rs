@@ -10,17 +10,27 @@
 //! the `AWSPREVIOUS` version. A rotation makes 6 calls: 2 reads at
 //! Preflight, 1 at Issuing (the previous value), `DescribeSecret` and one
 //! `PutSecretValue` when writing, 1 read in the final re-check.
+//!
+//! Identity: static keys from a Secret, or a ServiceAccount of the
+//! SecretRotation's namespace that assumes a role ([`WebIdentity`]): a
+//! TokenRequest (audience `sts.amazonaws.com`) exchanged with STS
+//! AssumeRoleWithWebIdentity, behind the SDK's lazy identity cache shared by
+//! every reconcile ([`crate::deps::AwsIdentities`]). There is no default
+//! credential chain: rekey never acts with the operator pod's own identity.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider, future};
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
 
 use super::Store;
 use crate::crd::AwsSecretsManagerTarget;
+use crate::deps::AwsIdentities;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reason::Reason;
@@ -42,7 +52,18 @@ pub fn version_id(rotation_id: &str) -> String {
     format!("rekey-rotation-{rotation_id}")
 }
 
-fn map_err<E: ProvideErrorMetadata>(call: &str, secret: &str, e: &E) -> Error {
+/// The audience of the ServiceAccount tokens rekey hands to STS.
+pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
+
+fn map_err<E>(call: &str, secret: &str, e: &E) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    // Credentials that could not be obtained (a refused TokenRequest or
+    // AssumeRoleWithWebIdentity) say so with their own reason.
+    if let Some(identity) = identity_error(e) {
+        return identity;
+    }
     // Only the error code is kept: AWS messages are not ours to vouch for.
     let code = e.code().unwrap_or("Unknown");
     let message = format!("AWS Secrets Manager {call} on {secret}: {code}");
@@ -64,7 +85,21 @@ fn map_err<E: ProvideErrorMetadata>(call: &str, secret: &str, e: &E) -> Error {
     }
 }
 
+/// The first rekey error in `e`'s chain of sources: why credentials could
+/// not be had.
+fn identity_error(e: &(dyn std::error::Error + 'static)) -> Option<Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<Error>() {
+            return Some(found.clone());
+        }
+        next = err.source();
+    }
+    None
+}
+
 impl AwsSecretsManagerStore {
+    /// A store acting with static keys (from `credentialsSecretRef`).
     pub fn new(
         metrics: Metrics,
         t: &AwsSecretsManagerTarget,
@@ -79,10 +114,35 @@ impl AwsSecretsManagerStore {
             None,
             "rekey-secret-ref",
         );
+        let config = aws_sdk_secretsmanager::Config::builder().credentials_provider(creds);
+        Self::with_config(metrics, t, config)
+    }
+
+    /// A store acting with `provider`'s credentials, cached (and refreshed
+    /// before they expire) in `identities`' cache, by its clock.
+    pub fn with_provider(
+        metrics: Metrics,
+        t: &AwsSecretsManagerTarget,
+        provider: SharedCredentialsProvider,
+        identities: &AwsIdentities,
+    ) -> Self {
         let mut config = aws_sdk_secretsmanager::Config::builder()
+            .identity_cache(identities.cache.clone())
+            .time_source(identities.time.clone());
+        // `set_`, not `credentials_provider(..)`, which would wrap the
+        // provider anew: a new cache partition, a new session per store.
+        config.set_credentials_provider(Some(provider));
+        Self::with_config(metrics, t, config)
+    }
+
+    fn with_config(
+        metrics: Metrics,
+        t: &AwsSecretsManagerTarget,
+        config: aws_sdk_secretsmanager::config::Builder,
+    ) -> Self {
+        let mut config = config
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(t.region.clone()))
-            .credentials_provider(creds);
+            .region(Region::new(t.region.clone()));
         if let Some(endpoint) = &t.endpoint {
             config = config.endpoint_url(endpoint);
         }
@@ -245,6 +305,156 @@ impl Store for AwsSecretsManagerStore {
             ));
         }
         self.read_current().await
+    }
+}
+
+/// Credentials of a role assumed by a ServiceAccount of the SecretRotation's
+/// namespace: each load requests a fresh ServiceAccount token (audience
+/// `sts.amazonaws.com`) and exchanges it with STS AssumeRoleWithWebIdentity.
+/// The SDK's identity cache decides when to load (first use, and before the
+/// session expires); errors carry a rekey [`Error`], never a token.
+pub struct WebIdentity {
+    client: kube::Client,
+    namespace: String,
+    service_account: String,
+    role_arn: String,
+    sts: aws_sdk_sts::Client,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for WebIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebIdentity")
+            .field("namespace", &self.namespace)
+            .field("service_account", &self.service_account)
+            .field("role_arn", &self.role_arn)
+            .finish()
+    }
+}
+
+impl WebIdentity {
+    pub fn new(
+        client: kube::Client,
+        metrics: Metrics,
+        namespace: &str,
+        service_account: &str,
+        t: &AwsSecretsManagerTarget,
+        identities: &AwsIdentities,
+    ) -> Self {
+        // No credentials provider: AssumeRoleWithWebIdentity is unsigned,
+        // the token is the only proof of identity.
+        let mut config = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new(t.region.clone()))
+            .time_source(identities.time.clone());
+        if let Some(endpoint) = &t.sts_endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        Self {
+            client,
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            role_arn: t.role_arn.clone().unwrap_or_default(),
+            sts: aws_sdk_sts::Client::from_conf(config.build()),
+            metrics,
+        }
+    }
+
+    /// The key of this identity in [`AwsIdentities`]: one provider (and one
+    /// cached session) per namespace, ServiceAccount, role, region and
+    /// endpoints.
+    pub fn key(namespace: &str, service_account: &str, t: &AwsSecretsManagerTarget) -> String {
+        [
+            namespace,
+            service_account,
+            t.role_arn.as_deref().unwrap_or_default(),
+            &t.region,
+            t.endpoint.as_deref().unwrap_or_default(),
+            t.sts_endpoint.as_deref().unwrap_or_default(),
+        ]
+        .join("\n")
+    }
+
+    /// The role session name AWS records in CloudTrail (2 to 64 of
+    /// `[\w+=,.@-]`): `rekey-<namespace>-<serviceaccount>`.
+    fn session_name(&self) -> String {
+        let mut name = format!("rekey-{}-{}", self.namespace, self.service_account);
+        name.truncate(64);
+        name
+    }
+
+    async fn load(&self) -> Result<Credentials> {
+        let who = format!(
+            "ServiceAccount {}/{} assuming {}",
+            self.namespace, self.service_account, self.role_arn
+        );
+        let token = crate::deps::service_account_token(
+            &self.client,
+            &self.namespace,
+            &self.service_account,
+            STS_AUDIENCE,
+        )
+        .await?;
+        let started = Instant::now();
+        let r = self
+            .sts
+            .assume_role_with_web_identity()
+            .role_arn(&self.role_arn)
+            .role_session_name(self.session_name())
+            .web_identity_token(token.expose())
+            .send()
+            .await;
+        self.metrics.provider_call(
+            "aws-sts",
+            "AssumeRoleWithWebIdentity",
+            crate::deps::outcome(r.is_ok()),
+            started.elapsed(),
+        );
+        let out = r.map_err(|e| {
+            let code = e.code().unwrap_or("Unknown");
+            let message = format!("AWS STS AssumeRoleWithWebIdentity ({who}): {code}");
+            match code {
+                "AccessDenied"
+                | "InvalidIdentityToken"
+                | "IDPRejectedClaim"
+                | "ExpiredTokenException"
+                | "RegionDisabledException"
+                | "MalformedPolicyDocument"
+                | "PackedPolicyTooLarge"
+                | "ValidationError" => Error::permanent(Reason::AwsCredentialsRejected, message),
+                _ => Error::transient(Reason::AwsSecretsManagerError, message),
+            }
+        })?;
+        let c = out.credentials.ok_or_else(|| {
+            Error::transient(
+                Reason::AwsSecretsManagerError,
+                format!("AWS STS AssumeRoleWithWebIdentity ({who}) answered no credentials"),
+            )
+        })?;
+        let expires = SystemTime::try_from(c.expiration).map_err(|_| {
+            Error::transient(
+                Reason::AwsSecretsManagerError,
+                format!("AWS STS AssumeRoleWithWebIdentity ({who}) answered no expiry"),
+            )
+        })?;
+        Ok(Credentials::new(
+            c.access_key_id,
+            c.secret_access_key,
+            Some(c.session_token),
+            Some(expires),
+            "rekey-web-identity",
+        ))
+    }
+}
+
+impl ProvideCredentials for WebIdentity {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(async move {
+            self.load().await.map_err(CredentialsError::provider_error)
+        })
     }
 }
 

@@ -1,7 +1,10 @@
 //! `ibmSecretsManager` target: IBM Cloud Secrets Manager v2.
 //!
-//! Auth: the API key is exchanged at `POST {iamUrl}/identity/token` for a
-//! bearer token, cached until a minute before it expires. Writing creates a
+//! Auth: the API key, or a trusted profile's ServiceAccount token (grant
+//! type `cr-token`: a TokenRequest with audience `iam` for a ServiceAccount
+//! of the SecretRotation's namespace), is exchanged at
+//! `POST {iamUrl}/identity/token` for a bearer token, cached until a minute
+//! before it expires. Writing creates a
 //! new secret version stamped with `version_custom_metadata.rekey_rotation_id`;
 //! before writing, the current version's metadata is read and the write is
 //! skipped when it already carries this rotation id, so a retry after a crash
@@ -32,7 +35,7 @@ pub struct IbmSecretsManagerStore {
     metrics: Metrics,
     service_url: String,
     iam_url: String,
-    api_key: SecretValue,
+    auth: IbmAuth,
     target: IbmSecretsManagerTarget,
     /// IAM tokens (shared across reconciles by `shared`), under `token_key`.
     tokens: Tokens,
@@ -41,6 +44,24 @@ pub struct IbmSecretsManagerStore {
     pace: Pace,
     /// The secret id, once resolved (from `secretId`, or by group/type/name).
     secret_id: Mutex<Option<String>>,
+}
+
+/// The audience of the ServiceAccount tokens rekey hands to IBM IAM (as
+/// IBM's examples project them for trusted profiles).
+pub const IAM_AUDIENCE: &str = "iam";
+
+/// How rekey gets an IAM token.
+pub enum IbmAuth {
+    /// An API key (`apiKeySecretRef`).
+    ApiKey(SecretValue),
+    /// A trusted profile assumed with a token of a ServiceAccount of the
+    /// SecretRotation's namespace (`trustedProfile`).
+    TrustedProfile {
+        client: kube::Client,
+        namespace: String,
+        service_account: String,
+        profile_id: String,
+    },
 }
 
 /// What the current version holds, as far as rekey cares.
@@ -58,7 +79,16 @@ impl IbmSecretsManagerStore {
         target: &IbmSecretsManagerTarget,
         api_key: SecretValue,
     ) -> Self {
-        let token_key = token_key(&target.iam_url, &api_key);
+        Self::with_auth(http, metrics, target, IbmAuth::ApiKey(api_key))
+    }
+
+    pub fn with_auth(
+        http: reqwest::Client,
+        metrics: Metrics,
+        target: &IbmSecretsManagerTarget,
+        auth: IbmAuth,
+    ) -> Self {
+        let token_key = token_key(&target.iam_url, &auth);
         Self {
             http,
             metrics,
@@ -68,7 +98,7 @@ impl IbmSecretsManagerStore {
                 .trim_end_matches('/')
                 .trim_end_matches("/identity/token")
                 .to_string(),
-            api_key,
+            auth,
             target: target.clone(),
             tokens: Tokens::default(),
             token_key,
@@ -94,15 +124,58 @@ impl IbmSecretsManagerStore {
         if let Some(token) = self.tokens.get(&self.token_key) {
             return Ok(token);
         }
+        // The ServiceAccount token of a trusted profile, requested anew for
+        // every exchange (it lives 10 minutes; the IAM token an hour).
+        let cr_token = match &self.auth {
+            IbmAuth::ApiKey(_) => None,
+            IbmAuth::TrustedProfile {
+                client,
+                namespace,
+                service_account,
+                ..
+            } => Some(
+                crate::deps::service_account_token(
+                    client,
+                    namespace,
+                    service_account,
+                    IAM_AUDIENCE,
+                )
+                .await?,
+            ),
+        };
+        let (form, refused) = match (&self.auth, &cr_token) {
+            (IbmAuth::ApiKey(key), _) => (
+                vec![
+                    ("grant_type", "urn:ibm:params:oauth:grant-type:apikey"),
+                    ("apikey", key.expose()),
+                ],
+                "the API key".to_string(),
+            ),
+            (
+                IbmAuth::TrustedProfile {
+                    namespace,
+                    service_account,
+                    profile_id,
+                    ..
+                },
+                token,
+            ) => (
+                vec![
+                    ("grant_type", "urn:ibm:params:oauth:grant-type:cr-token"),
+                    ("cr_token", token.as_ref().map_or("", |t| t.expose())),
+                    ("profile_id", profile_id.as_str()),
+                ],
+                format!(
+                    "the ServiceAccount token of {namespace}/{service_account} for trusted profile {profile_id}"
+                ),
+            ),
+        };
         let started = Instant::now();
         let resp = self
             .http
             .post(format!("{}/identity/token", self.iam_url))
             .header("Accept", "application/json")
-            .form(&[
-                ("grant_type", "urn:ibm:params:oauth:grant-type:apikey"),
-                ("apikey", self.api_key.expose()),
-            ])
+            .form(&form)
             .send()
             .await;
         let outcome = crate::deps::outcome(resp.as_ref().is_ok_and(|r| r.status().is_success()));
@@ -114,7 +187,7 @@ impl IbmSecretsManagerStore {
         if status.is_client_error() {
             return Err(Error::permanent(
                 Reason::IbmCredentialsRejected,
-                format!("IBM IAM refused the API key (HTTP {})", status.as_u16()),
+                format!("IBM IAM refused {refused} (HTTP {})", status.as_u16()),
             ));
         }
         if !status.is_success() {
@@ -383,10 +456,19 @@ impl Store for IbmSecretsManagerStore {
 }
 
 /// The key of an IAM token: the IAM URL and a digest of the API key (the
-/// key itself is never a map key).
-fn token_key(iam_url: &str, api_key: &SecretValue) -> String {
+/// key itself is never a map key), or the trusted profile and its
+/// ServiceAccount.
+fn token_key(iam_url: &str, auth: &IbmAuth) -> String {
     use std::hash::BuildHasher;
     static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
         std::sync::LazyLock::new(Default::default);
-    format!("{iam_url} {:016x}", SEED.hash_one(api_key.expose()))
+    match auth {
+        IbmAuth::ApiKey(key) => format!("{iam_url} {:016x}", SEED.hash_one(key.expose())),
+        IbmAuth::TrustedProfile {
+            namespace,
+            service_account,
+            profile_id,
+            ..
+        } => format!("{iam_url} profile {profile_id} {namespace}/{service_account}"),
+    }
 }

@@ -7,9 +7,11 @@ pub mod kubernetes;
 use async_trait::async_trait;
 
 use crate::deps::Deps;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::plan::{StorePlan, TargetPlan};
+use crate::reason::Reason;
 use crate::value::SecretValue;
+use aws_credential_types::provider::SharedCredentialsProvider;
 
 /// A place that holds the current value of a credential, e.g. a Secrets
 /// Manager instance or a Kubernetes Secret that ESO reads.
@@ -65,30 +67,79 @@ pub async fn build(
             .with_metrics(deps.metrics.clone()),
         ),
         StorePlan::IbmSecretsManager(t) => {
-            let r = &t.api_key_secret_ref;
-            let key = deps.secret_key(namespace, &r.name, &r.key).await?;
+            let auth = match (&t.api_key_secret_ref, &t.trusted_profile) {
+                (Some(r), _) => {
+                    ibm::IbmAuth::ApiKey(deps.secret_key(namespace, &r.name, &r.key).await?)
+                }
+                (None, Some(p)) => ibm::IbmAuth::TrustedProfile {
+                    client: deps.client.clone(),
+                    namespace: namespace.to_string(),
+                    service_account: p.service_account_ref.name.clone(),
+                    profile_id: p.profile_id.clone(),
+                },
+                (None, None) => {
+                    return Err(Error::permanent(
+                        Reason::InvalidSpec,
+                        "ibmSecretsManager needs apiKeySecretRef or trustedProfile",
+                    ));
+                }
+            };
             Box::new(
-                ibm::IbmSecretsManagerStore::new(deps.http.clone(), deps.metrics.clone(), t, key)
-                    .shared(deps.tokens.clone(), deps.ibm_pace.clone()),
+                ibm::IbmSecretsManagerStore::with_auth(
+                    deps.http.clone(),
+                    deps.metrics.clone(),
+                    t,
+                    auth,
+                )
+                .shared(deps.tokens.clone(), deps.ibm_pace.clone()),
             )
         }
         StorePlan::AwsSecretsManager(t) => {
-            let r = &t.credentials_secret_ref.name;
-            let id = deps.secret_key(namespace, r, "AWS_ACCESS_KEY_ID").await?;
-            let secret = deps
-                .secret_key(namespace, r, "AWS_SECRET_ACCESS_KEY")
-                .await?;
-            let session = deps
-                .secret_key(namespace, r, "AWS_SESSION_TOKEN")
-                .await
-                .ok();
-            Box::new(aws::AwsSecretsManagerStore::new(
-                deps.metrics.clone(),
-                t,
-                id,
-                secret,
-                session,
-            ))
+            match (&t.credentials_secret_ref, &t.service_account_ref) {
+                (None, Some(sa)) => {
+                    let key = aws::WebIdentity::key(namespace, &sa.name, t);
+                    let provider = deps.aws.provider(&key, || {
+                        SharedCredentialsProvider::new(aws::WebIdentity::new(
+                            deps.client.clone(),
+                            deps.metrics.clone(),
+                            namespace,
+                            &sa.name,
+                            t,
+                            &deps.aws,
+                        ))
+                    });
+                    Box::new(aws::AwsSecretsManagerStore::with_provider(
+                        deps.metrics.clone(),
+                        t,
+                        provider,
+                        &deps.aws,
+                    ))
+                }
+                (Some(r), _) => {
+                    let r = &r.name;
+                    let id = deps.secret_key(namespace, r, "AWS_ACCESS_KEY_ID").await?;
+                    let secret = deps
+                        .secret_key(namespace, r, "AWS_SECRET_ACCESS_KEY")
+                        .await?;
+                    let session = deps
+                        .secret_key(namespace, r, "AWS_SESSION_TOKEN")
+                        .await
+                        .ok();
+                    Box::new(aws::AwsSecretsManagerStore::new(
+                        deps.metrics.clone(),
+                        t,
+                        id,
+                        secret,
+                        session,
+                    ))
+                }
+                (None, None) => {
+                    return Err(Error::permanent(
+                        Reason::InvalidSpec,
+                        "awsSecretsManager needs credentialsSecretRef or serviceAccountRef with roleArn",
+                    ));
+                }
+            }
         }
     })
 }

@@ -187,6 +187,43 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
         },
         "exactly one store kind",
     );
+    // Issue 15 item 2: exactly one identity per cloud store.
+    case(
+        "aws-keys-and-role",
+        &|v| {
+            v["targets"][0] = json!({"name": "prod", "awsSecretsManager": {
+        "region": "eu-central-1", "secretId": "x", "credentialsSecretRef": {"name": "aws"},
+        "serviceAccountRef": {"name": "rotator"}, "roleArn": "arn:aws:iam::123456789012:role/r"}})
+        },
+        "exactly one identity",
+    );
+    case(
+        "aws-service-account-without-role",
+        &|v| {
+            v["targets"][0] = json!({"name": "prod", "awsSecretsManager": {
+        "region": "eu-central-1", "secretId": "x", "serviceAccountRef": {"name": "rotator"}}})
+        },
+        "serviceAccountRef together with roleArn",
+    );
+    case(
+        "aws-no-identity",
+        &|v| v["targets"][0] = json!({"name": "prod", "awsSecretsManager": {"region": "eu-central-1", "secretId": "x"}}),
+        "exactly one identity",
+    );
+    case(
+        "ibm-key-and-profile",
+        &|v| {
+            v["targets"][0] = json!({"name": "dev", "ibmSecretsManager": {
+        "serviceUrl": "https://sm", "secretId": "a", "apiKeySecretRef": {"name": "k", "key": "k"},
+        "trustedProfile": {"profileId": "Profile-1", "serviceAccountRef": {"name": "rotator"}}}})
+        },
+        "exactly one of apiKeySecretRef (an API key) or trustedProfile",
+    );
+    case(
+        "ibm-no-identity",
+        &|v| v["targets"][0] = json!({"name": "dev", "ibmSecretsManager": {"serviceUrl": "https://sm", "secretId": "a"}}),
+        "exactly one of apiKeySecretRef (an API key) or trustedProfile",
+    );
     // Issue 10 item 13: names that can never resolve are refused at
     // admission, not found in Preflight (or in Writing, after issuing).
     case(

@@ -13,8 +13,11 @@ use common::cluster::Cluster;
 use common::fixtures::*;
 use common::ibm::IbmEmulator;
 use common::operator::Operator;
+use common::recorder::{Recorder, jwt_claims, token_review};
 use kube::Client;
-use rekey::crd::{AwsSecretsManagerTarget, IbmSecretsManagerTarget, LocalSecretRef, Phase};
+use rekey::crd::{
+    AwsSecretsManagerTarget, IbmSecretsManagerTarget, LocalSecretRef, Phase, ServiceAccountRef,
+};
 use rekey::store::Store;
 use rekey::store::aws::AwsSecretsManagerStore;
 use rekey::store::ibm::IbmSecretsManagerStore;
@@ -183,10 +186,13 @@ fn aws_target(c: &Cluster, secret_id: &str) -> AwsSecretsManagerTarget {
         region: "us-east-1".into(),
         secret_id: secret_id.into(),
         key: None,
-        credentials_secret_ref: LocalSecretRef {
+        credentials_secret_ref: Some(LocalSecretRef {
             name: "aws-creds".into(),
-        },
+        }),
+        service_account_ref: None,
+        role_arn: None,
         endpoint: c.moto_url.clone(),
+        sts_endpoint: None,
     }
 }
 
@@ -606,4 +612,206 @@ async fn webhook(_client: &Client, _ns: &str) -> (String, std::sync::Arc<std::sy
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, invalidated)
+}
+
+// Workload identity (issue 15, item 2): a ServiceAccount of the
+// SecretRotation's namespace instead of static keys.
+
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/rekey-ai-component";
+
+/// A clock the AWS SDK reads (identity cache, signing); the test moves it.
+#[derive(Clone, Debug)]
+struct Clock(std::sync::Arc<std::sync::Mutex<std::time::SystemTime>>);
+
+impl Clock {
+    fn now() -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(
+            std::time::SystemTime::now(),
+        )))
+    }
+    fn set(&self, t: std::time::SystemTime) {
+        *self.0.lock().unwrap() = t;
+    }
+}
+
+impl aws_smithy_async::time::TimeSource for Clock {
+    fn now(&self) -> std::time::SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+async fn service_account(client: &Client, ns: &str, name: &str) {
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    kube::Api::namespaced(client.clone(), ns)
+        .create(&kube::api::PostParams::default(), &sa)
+        .await
+        .unwrap();
+}
+
+/// Checks one AssumeRoleWithWebIdentity rekey sent: the role of the spec,
+/// and a genuine token of ServiceAccount `ns/sa` for STS (its claims, and a
+/// TokenReview by the API server). Returns the token.
+async fn assert_web_identity_call(
+    client: &Client,
+    call: &common::recorder::Exchange,
+    ns: &str,
+    sa: &str,
+) -> String {
+    assert_eq!(call.form("RoleArn").as_deref(), Some(ROLE_ARN));
+    let token = call.form("WebIdentityToken").expect("a web identity token");
+    let claims = jwt_claims(&token);
+    let subject = format!("system:serviceaccount:{ns}:{sa}");
+    assert_eq!(claims["sub"], json!(subject), "{claims}");
+    assert!(
+        claims["aud"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("sts.amazonaws.com"))),
+        "{claims}"
+    );
+    assert_eq!(
+        token_review(client, &token, "sts.amazonaws.com")
+            .await
+            .as_deref(),
+        Some(subject.as_str()),
+        "the API server vouches for the token"
+    );
+    assert_eq!(call.status, 200, "{}", call.response);
+    token
+}
+
+fn web_identity_target(proxy: &Recorder, secret_id: &str, sa: &str) -> rekey::plan::TargetPlan {
+    rekey::plan::TargetPlan {
+        name: "prod".into(),
+        store: rekey::plan::StorePlan::AwsSecretsManager(AwsSecretsManagerTarget {
+            region: "us-east-1".into(),
+            secret_id: secret_id.into(),
+            key: None,
+            credentials_secret_ref: None,
+            service_account_ref: Some(ServiceAccountRef { name: sa.into() }),
+            role_arn: Some(ROLE_ARN.into()),
+            endpoint: Some(proxy.url.clone()),
+            sts_endpoint: Some(proxy.url.clone()),
+        }),
+    }
+}
+
+/// STS's answer: when the assumed credentials expire.
+fn expiration(call: &common::recorder::Exchange) -> std::time::SystemTime {
+    let text = call.response_xml("Expiration").expect("an Expiration");
+    let ts: jiff::Timestamp = text.parse().expect("an RFC 3339 time");
+    std::time::SystemTime::from(ts)
+}
+
+#[tokio::test]
+async fn aws_web_identity_credentials_are_shared_across_reconciles_and_refreshed_before_expiry() {
+    let (c, client, ns) = common::setup("aws-wi").await;
+    service_account(&client, &ns, "rotator").await;
+    let proxy = Recorder::start(c.moto_url.as_deref().unwrap()).await;
+    let aws = aws_client(c);
+    let name = format!("{ns}/ai-component");
+    let old = common::canary("old");
+    aws.create_secret()
+        .name(&name)
+        .secret_string(&old)
+        .send()
+        .await
+        .unwrap();
+    let clock = Clock::now();
+    let deps = rekey::deps::Deps::new(client.clone(), rekey::metrics::Metrics::new())
+        .with_aws_time_source(aws_smithy_async::time::SharedTimeSource::new(clock.clone()));
+    let target = web_identity_target(&proxy, &name, "rotator");
+
+    // The first call assumes the role with a token of the named ServiceAccount.
+    let store = rekey::store::build(&target, &deps, &ns, "ai-component")
+        .await
+        .unwrap();
+    assert_eq!(store.read_current().await.unwrap().unwrap().expose(), old);
+    let sts = proxy.action("AssumeRoleWithWebIdentity");
+    assert_eq!(sts.len(), 1);
+    let first_token = assert_web_identity_call(&client, &sts[0], &ns, "rotator").await;
+    let first_key = sts[0].response_xml("AccessKeyId").unwrap();
+    let expires = expiration(&sts[0]);
+    assert!(
+        expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap()
+            > Duration::from_secs(900),
+        "a session of at least 15 minutes"
+    );
+    let signed: Vec<_> = proxy
+        .all()
+        .iter()
+        .filter(|e| e.aws_action().as_deref() == Some("GetSecretValue"))
+        .map(|e| e.access_key_id())
+        .collect();
+    assert_eq!(
+        signed,
+        vec![Some(first_key.clone())],
+        "signed with the assumed keys"
+    );
+
+    // A new store (the next reconcile), until the refresh margin before
+    // expiry: the same session.
+    let margin = rekey::deps::AWS_REFRESH_BEFORE_EXPIRY;
+    clock.set(expires - margin - Duration::from_secs(1));
+    let store = rekey::store::build(&target, &deps, &ns, "ai-component")
+        .await
+        .unwrap();
+    store.preflight().await.unwrap();
+    assert_eq!(
+        proxy.action("AssumeRoleWithWebIdentity").len(),
+        1,
+        "credentials are cached across reconciles"
+    );
+
+    // Inside the margin (the SDK refreshes at a jittered point in its last
+    // half at the latest): a new token, a new session, before the old one
+    // lapses.
+    clock.set(expires - margin / 2 + Duration::from_secs(1));
+    let store = rekey::store::build(&target, &deps, &ns, "ai-component")
+        .await
+        .unwrap();
+    assert_eq!(store.read_current().await.unwrap().unwrap().expose(), old);
+    let sts = proxy.action("AssumeRoleWithWebIdentity");
+    assert_eq!(sts.len(), 2, "refreshed once");
+    // moto stamps the new session's expiry by its own (real) clock: back to
+    // it, the new session has its full hour ahead.
+    clock.set(std::time::SystemTime::now());
+    let new = SecretValue::new(common::canary("new"));
+    let version = store.write(&new, "20261125-120000-abcdef01").await.unwrap();
+    assert_eq!(proxy.action("AssumeRoleWithWebIdentity").len(), 2);
+    let second_token = assert_web_identity_call(&client, &sts[1], &ns, "rotator").await;
+    assert_ne!(first_token, second_token, "a new TokenRequest");
+    let second_key = sts[1].response_xml("AccessKeyId").unwrap();
+    assert_ne!(first_key, second_key);
+    let put = proxy.action("PutSecretValue");
+    assert_eq!(put.len(), 1);
+    assert_eq!(put[0].access_key_id(), Some(second_key));
+    let got = aws
+        .get_secret_value()
+        .secret_id(&name)
+        .version_stage("AWSCURRENT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.secret_string.as_deref(), Some(new.expose()));
+    assert_eq!(got.version_id.as_deref(), Some(version.as_str()));
+
+    // A ServiceAccount that does not exist: a clear, permanent failure that
+    // names it; nothing falls back to another identity.
+    let missing = web_identity_target(&proxy, &name, "nobody");
+    let err = rekey::store::build(&missing, &deps, &ns, "ai-component")
+        .await
+        .unwrap()
+        .read_current()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.reason.as_str(), err.permanent),
+        ("KubernetesApiError", true),
+        "{err}"
+    );
+    assert!(err.message.contains(&format!("{ns}/nobody")), "{err}");
+    assert_eq!(proxy.action("AssumeRoleWithWebIdentity").len(), 2);
 }

@@ -5,7 +5,14 @@
 //! need, and rejects what the real service rejects:
 //!
 //! - `POST /identity/token`, form-encoded, grant types `apikey` and `cr-token`
-//!   (trusted profiles, what ESO's containerAuth uses); wrong key → 400.
+//!   (trusted profiles, what ESO's containerAuth uses: `cr_token` and
+//!   `profile_id` or `profile_name`, as IBM's SDKs send them); wrong key →
+//!   400. A cr-token is accepted when it is one of `cr_tokens`, or a
+//!   ServiceAccount token (a JWT with audience `iam`, unexpired) whose
+//!   `sub` is a ServiceAccount the profile links (IBM's compute-resource
+//!   link: cluster, namespace, ServiceAccount); every cr-token request is
+//!   kept in `cr_token_requests` so a test can check the token is genuine
+//!   (the emulator cannot verify the cluster's signature: a TokenReview can).
 //! - every `/api/v2` call needs `Authorization: Bearer <unexpired token>` → 401.
 //! - `GET /api/v2/secrets/{id}`; by name:
 //!   `GET /api/v2/secret_groups/{group}/secret_types/{type}/secrets/{name}`.
@@ -47,10 +54,25 @@ pub struct SmSecret {
     pub versions: Vec<Version>,
 }
 
+/// One cr-token grant request as IAM received it.
+#[derive(Clone, Debug)]
+pub struct CrTokenRequest {
+    pub cr_token: String,
+    pub profile_id: Option<String>,
+    pub profile_name: Option<String>,
+    /// Whether IAM answered with an access token.
+    pub granted: bool,
+}
+
 #[derive(Default)]
 pub struct Inner {
     pub api_keys: Vec<String>,
     pub cr_tokens: Vec<String>,
+    /// Trusted profile id -> the ServiceAccounts it trusts
+    /// (`system:serviceaccount:<ns>:<name>`).
+    pub profile_links: HashMap<String, Vec<String>>,
+    /// Every cr-token grant request, in order.
+    pub cr_token_requests: Vec<CrTokenRequest>,
     /// token -> expiry (unix seconds)
     pub tokens: HashMap<String, i64>,
     pub secrets: HashMap<String, SmSecret>,
@@ -235,12 +257,30 @@ async fn token(
                 form.get("apikey").is_some_and(|k| st.api_keys.contains(k))
             }
             Some("urn:ibm:params:oauth:grant-type:cr-token") => {
-                form.get("cr_token")
-                    .is_some_and(|t| st.cr_tokens.contains(&t.trim().to_string()))
-                    && form
-                        .get("profile_name")
-                        .or(form.get("profile_id"))
-                        .is_some()
+                let token = form.get("cr_token").map(|t| t.trim().to_string());
+                let profile = form.get("profile_id").or(form.get("profile_name"));
+                let ok = match (&token, profile) {
+                    (Some(t), Some(p)) => {
+                        st.cr_tokens.contains(t)
+                            || st
+                                .profile_links
+                                .get(p)
+                                .is_some_and(|links| linked_service_account(t, links))
+                    }
+                    _ => false,
+                };
+                drop(st);
+                s.state
+                    .lock()
+                    .unwrap()
+                    .cr_token_requests
+                    .push(CrTokenRequest {
+                        cr_token: token.unwrap_or_default(),
+                        profile_id: form.get("profile_id").cloned(),
+                        profile_name: form.get("profile_name").cloned(),
+                        granted: ok,
+                    });
+                ok
             }
             _ => {
                 return (StatusCode::BAD_REQUEST, axum::Json(json!({"errorCode": "BXNIM0103E", "errorMessage": "Grant type not supported."}))).into_response();
@@ -267,6 +307,22 @@ async fn token(
         "scope": "ibm openid",
     }))
     .into_response()
+}
+
+/// Whether `token` is an unexpired ServiceAccount token for audience `iam`
+/// of one of `links` (its claims only: the signature is the cluster's).
+fn linked_service_account(token: &str, links: &[String]) -> bool {
+    let claims = crate::recorder::jwt_claims(token);
+    let aud_ok = match &claims["aud"] {
+        Value::String(a) => a == "iam",
+        Value::Array(a) => a.iter().any(|x| x == "iam"),
+        _ => false,
+    };
+    let unexpired = claims["exp"].as_i64().is_some_and(|e| e > now_unix());
+    let sub_ok = claims["sub"]
+        .as_str()
+        .is_some_and(|sub| links.iter().any(|l| l == sub));
+    aud_ok && unexpired && sub_ok
 }
 
 async fn get_secret(State(s): State<S>, headers: HeaderMap, Path(id): Path<String>) -> Response {
@@ -570,6 +626,23 @@ impl IbmEmulator {
 
     pub fn add_cr_token(&self, token: &str) {
         self.state.lock().unwrap().cr_tokens.push(token.into());
+    }
+
+    /// Creates trusted profile `profile_id` trusting ServiceAccount
+    /// `name` of `namespace` (a compute-resource link).
+    pub fn link_profile(&self, profile_id: &str, namespace: &str, name: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .profile_links
+            .entry(profile_id.into())
+            .or_default()
+            .push(format!("system:serviceaccount:{namespace}:{name}"));
+    }
+
+    /// Every cr-token grant request so far.
+    pub fn cr_token_requests(&self) -> Vec<CrTokenRequest> {
+        self.state.lock().unwrap().cr_token_requests.clone()
     }
 
     /// Creates a secret with one version; returns its id.
