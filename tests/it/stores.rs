@@ -815,3 +815,175 @@ async fn aws_web_identity_credentials_are_shared_across_reconciles_and_refreshed
     assert!(err.message.contains(&format!("{ns}/nobody")), "{err}");
     assert_eq!(proxy.action("AssumeRoleWithWebIdentity").len(), 2);
 }
+
+fn trusted_profile_target(emu: &IbmEmulator, secret_id: &str, sa: &str) -> rekey::plan::TargetPlan {
+    rekey::plan::TargetPlan {
+        name: "dev-stage".into(),
+        store: rekey::plan::StorePlan::IbmSecretsManager(
+            serde_json::from_value(json!({
+                "serviceUrl": emu.url, "secretId": secret_id, "iamUrl": emu.url,
+                "trustedProfile": {"profileId": "Profile-rekey", "serviceAccountRef": {"name": sa}}
+            }))
+            .unwrap(),
+        ),
+    }
+}
+
+/// Checks the cr-token grants of trusted profile `Profile-rekey`: each a
+/// genuine token of ServiceAccount `ns/sa` for audience `iam`, granted.
+/// Returns the tokens.
+async fn assert_trusted_profile_grants(
+    client: &Client,
+    emu: &IbmEmulator,
+    ns: &str,
+    sa: &str,
+) -> Vec<String> {
+    let subject = format!("system:serviceaccount:{ns}:{sa}");
+    let mut tokens = vec![];
+    for r in emu
+        .cr_token_requests()
+        .into_iter()
+        .filter(|r| r.profile_id.as_deref() == Some("Profile-rekey"))
+    {
+        assert!(r.granted, "IAM granted the profile");
+        let claims = jwt_claims(&r.cr_token);
+        assert_eq!(claims["sub"], json!(subject), "{claims}");
+        assert_eq!(
+            token_review(client, &r.cr_token, "iam").await.as_deref(),
+            Some(subject.as_str()),
+            "the API server vouches for the cr_token"
+        );
+        tokens.push(r.cr_token);
+    }
+    tokens
+}
+
+#[tokio::test]
+async fn ibm_trusted_profile_exchanges_a_service_account_token_and_shares_the_iam_token() {
+    let (_c, client, ns) = common::setup("ibm-tp").await;
+    service_account(&client, &ns, "rotator").await;
+    service_account(&client, &ns, "stranger").await;
+    let emu = IbmEmulator::start().await;
+    emu.link_profile("Profile-rekey", &ns, "rotator");
+    let old = common::canary("old");
+    let id = emu.create_secret("ai-component", "arbitrary", json!(old));
+    let deps = rekey::deps::Deps::new(client.clone(), rekey::metrics::Metrics::new());
+    let target = trusted_profile_target(&emu, &id, "rotator");
+
+    // Two stores (two reconciles): one cr-token grant, one IAM token.
+    let store = rekey::store::build(&target, &deps, &ns, "ai-component")
+        .await
+        .unwrap();
+    assert_eq!(store.preflight().await.unwrap().unwrap().expose(), old);
+    let new = SecretValue::new(common::canary("new"));
+    let store = rekey::store::build(&target, &deps, &ns, "ai-component")
+        .await
+        .unwrap();
+    store.write(&new, "rot-1").await.unwrap();
+    assert_eq!(emu.secret(&id).versions.len(), 2);
+    let tokens = assert_trusted_profile_grants(&client, &emu, &ns, "rotator").await;
+    assert_eq!(tokens.len(), 1, "the IAM token is cached across reconciles");
+
+    // A ServiceAccount the profile does not trust: IAM refuses, permanently,
+    // and the message says which identity without showing a token.
+    let err = rekey::store::build(
+        &trusted_profile_target(&emu, &id, "stranger"),
+        &deps,
+        &ns,
+        "ai-component",
+    )
+    .await
+    .unwrap()
+    .read_current()
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.reason.as_str(), err.permanent),
+        ("IbmCredentialsRejected", true),
+        "{err}"
+    );
+    assert!(err.message.contains(&format!("{ns}/stranger")), "{err}");
+    let refused = emu.cr_token_requests().last().unwrap().clone();
+    assert!(!refused.granted);
+    assert!(!err.message.contains(&refused.cr_token));
+}
+
+#[tokio::test]
+async fn ibm_and_aws_targets_rotate_with_workload_identity_through_eso() {
+    let (c, client, ns) = common::setup("multi-wi").await;
+    let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
+    let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
+    service_account(&client, &ns, "rotator").await;
+    s.emu.link_profile("Profile-rekey", &ns, "rotator");
+    let proxy = Recorder::start(c.moto_url.as_deref().unwrap()).await;
+    let op = Operator::start(REKEY, c, &ns);
+    let mut spec = multi_spec(c, &s, json!({"generated": {}}));
+    spec["targets"] = json!([
+        {"name": "prod", "awsSecretsManager": {"region": "us-east-1", "secretId": s.aws_name,
+            "serviceAccountRef": {"name": "rotator"}, "roleArn": ROLE_ARN,
+            "endpoint": proxy.url, "stsEndpoint": proxy.url}},
+        {"name": "dev-stage", "ibmSecretsManager": {"serviceUrl": s.emu.url, "secretId": s.ibm_id, "iamUrl": s.emu.url,
+            "trustedProfile": {"profileId": "Profile-rekey", "serviceAccountRef": {"name": "rotator"}}}}
+    ]);
+    create_rotation(&client, &ns, "ai-component", spec).await;
+    wait_phase(&client, &ns, "ai-component", Phase::Succeeded, LONG).await;
+    let new = read_key(&client, &ns, "dev-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_ne!(new, dev_old);
+    assert_eq!(
+        read_key(&client, &ns, "prod-creds", "client_secret")
+            .await
+            .unwrap(),
+        new,
+        "both ESO syncs deliver the new value"
+    );
+
+    // AWS: one AssumeRoleWithWebIdentity for the whole rotation, with a
+    // genuine token of the named ServiceAccount and the spec's role; every
+    // Secrets Manager call signed with the assumed keys, none with others.
+    let sts = proxy.action("AssumeRoleWithWebIdentity");
+    assert_eq!(sts.len(), 1, "one session for the whole rotation");
+    let aws_token = assert_web_identity_call(&client, &sts[0], &ns, "rotator").await;
+    let assumed_key = sts[0].response_xml("AccessKeyId").unwrap();
+    let sm: Vec<_> = proxy
+        .all()
+        .into_iter()
+        .filter(|e| e.header("x-amz-target").is_some())
+        .collect();
+    assert!(
+        sm.iter()
+            .any(|e| e.aws_action().as_deref() == Some("PutSecretValue"))
+    );
+    for e in &sm {
+        assert_eq!(
+            e.access_key_id(),
+            Some(assumed_key.clone()),
+            "{:?}",
+            e.aws_action()
+        );
+    }
+    // IBM: one cr-token grant of the trusted profile for the rotation.
+    let ibm_tokens = assert_trusted_profile_grants(&client, &s.emu, &ns, "rotator").await;
+    assert_eq!(ibm_tokens.len(), 1);
+    assert_eq!(s.emu.secret(&s.ibm_id).versions.len(), 2, "one IBM version");
+
+    let secret_key = sts[0].response_xml("SecretAccessKey").unwrap();
+    let session = sts[0].response_xml("SessionToken").unwrap();
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[
+            &dev_old,
+            &prod_old,
+            &new,
+            &aws_token,
+            &ibm_tokens[0],
+            &secret_key,
+            &session,
+        ],
+    )
+    .await;
+}
