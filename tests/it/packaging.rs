@@ -131,11 +131,15 @@ fn chart_defaults_are_safe() {
     for d in default.iter().filter(|d| kind(d) == "ClusterRole") {
         let rules = d["rules"].as_sequence().unwrap();
         let secrets = rules.iter().any(|r| {
-            r["resources"]
-                .as_sequence()
-                .is_some_and(|res| res.iter().any(|x| x.as_str() == Some("secrets")))
+            r["resources"].as_sequence().is_some_and(|res| {
+                res.iter()
+                    .any(|x| matches!(x.as_str(), Some("secrets" | "serviceaccounts/token")))
+            })
         });
-        assert!(!secrets, "cluster-wide Secret access: {rules:?}");
+        assert!(
+            !secrets,
+            "cluster-wide Secret access or ServiceAccount tokens: {rules:?}"
+        );
     }
     let elected = docs(&["--set", "leaderElection.enabled=true"]);
     let deployment = elected.iter().find(|d| kind(d) == "Deployment").unwrap();
@@ -308,10 +312,17 @@ async fn each_rbac_rule_is_needed() {
     let rules = full.rules.clone().unwrap();
     assert_eq!(
         rules.len(),
-        10,
+        11,
         "update this test when the chart's rules change"
     );
     let kubeconfig = service_account_kubeconfig(c, &release_ns);
+    // serviceaccounts/token is used by a target that acts as a ServiceAccount
+    // of the namespace: an IBM trusted profile on the emulator.
+    let emu = common::ibm::IbmEmulator::start().await;
+    let ibm_id = emu.create_secret("app", "arbitrary", json!(common::canary("ibm-old")));
+    c.kubectl(&["-n", &ns, "create", "serviceaccount", "rotator"])
+        .unwrap();
+    emu.link_profile("Profile-rekey", &ns, "rotator");
 
     for (i, rule) in rules.iter().enumerate() {
         let what = format!(
@@ -329,7 +340,18 @@ async fn each_rbac_rule_is_needed() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let name = format!("without-{i}");
         let op = Operator::start_with_kubeconfig(REKEY, c, &ns, kubeconfig.clone());
-        create_rotation(&client, &ns, &name, rotation_spec(json!({"generated": {}}))).await;
+        let mut spec = rotation_spec(json!({"generated": {}}));
+        if rule
+            .resources
+            .iter()
+            .flatten()
+            .any(|r| r == "serviceaccounts/token")
+        {
+            spec["targets"].as_array_mut().unwrap().push(json!({"name": "ibm", "ibmSecretsManager": {
+                "serviceUrl": emu.url, "secretId": ibm_id, "iamUrl": emu.url,
+                "trustedProfile": {"profileId": "Profile-rekey", "serviceAccountRef": {"name": "rotator"}}}}));
+        }
+        create_rotation(&client, &ns, &name, spec).await;
         // Each rule's absence shows where it is used.
         let resource = rule.resources.as_ref().unwrap()[0].clone();
         let broke = common::wait_for(

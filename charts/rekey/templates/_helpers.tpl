@@ -59,4 +59,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+# ServiceAccount tokens (TokenRequest): a store target that acts as a
+# ServiceAccount of the SecretRotation's namespace (awsSecretsManager
+# serviceAccountRef, ibmSecretsManager trustedProfile) gets a short-lived
+# token of it, exchanged for cloud credentials. Never rekey's own identity.
+- apiGroups: [""]
+  resources: [serviceaccounts/token]
+  verbs: [create]
 {{- end -}}
