@@ -375,14 +375,6 @@ impl WebIdentity {
         .join("\n")
     }
 
-    /// The role session name AWS records in CloudTrail (2 to 64 of
-    /// `[\w+=,.@-]`): `rekey-<namespace>-<serviceaccount>`.
-    fn session_name(&self) -> String {
-        let mut name = format!("rekey-{}-{}", self.namespace, self.service_account);
-        name.truncate(64);
-        name
-    }
-
     async fn load(&self) -> Result<Credentials> {
         let who = format!(
             "ServiceAccount {}/{} assuming {}",
@@ -400,7 +392,7 @@ impl WebIdentity {
             .sts
             .assume_role_with_web_identity()
             .role_arn(&self.role_arn)
-            .role_session_name(self.session_name())
+            .role_session_name(session_name(&self.namespace, &self.service_account))
             .web_identity_token(token.expose())
             .send()
             .await;
@@ -447,6 +439,14 @@ impl WebIdentity {
     }
 }
 
+/// The role session name AWS records in CloudTrail (2 to 64 of
+/// `[\w+=,.@-]`): `rekey-<namespace>-<serviceaccount>`, cut at 64.
+fn session_name(namespace: &str, service_account: &str) -> String {
+    let mut name = format!("rekey-{namespace}-{service_account}");
+    name.truncate(64);
+    name
+}
+
 impl ProvideCredentials for WebIdentity {
     fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
     where
@@ -460,6 +460,33 @@ impl ProvideCredentials for WebIdentity {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn role_session_names_fit_sts_bounds() {
+        assert_eq!(session_name("aihelp", "rotator"), "rekey-aihelp-rotator");
+        let long = session_name(&"n".repeat(63), &"s.a".repeat(84));
+        assert_eq!(long.len(), 64);
+        // Namespace and ServiceAccount names are DNS names: STS's alphabet.
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_".contains(c))
+        );
+    }
+
+    #[test]
+    fn why_credentials_failed_is_found_through_the_sdk_error_chain() {
+        let cause = Error::permanent(
+            Reason::AwsCredentialsRejected,
+            "AWS STS AssumeRoleWithWebIdentity (ServiceAccount a/b assuming r): AccessDenied",
+        );
+        let wrapped = CredentialsError::provider_error(cause.clone());
+        let found = identity_error(&wrapped).expect("found");
+        assert_eq!((found.reason, found.message), (cause.reason, cause.message));
+        let unrelated = std::io::Error::other("connection reset");
+        assert!(identity_error(&unrelated).is_none());
+    }
+
     #[test]
     fn version_ids_fit_aws_client_request_token_bounds() {
         let id = crate::crd::new_rotation_id(jiff::Timestamp::now());
