@@ -54,6 +54,9 @@ reasons! {
     GraceWindowTooShort: Never,
     /// `credential`, `targets` or `proof` changed after Preflight.
     SpecChangedDuringRotation: Never,
+    /// A person asked for a rollback (`kubectl rekey rollback`, annotation
+    /// `rekey.dev/rollback`) before the old value was invalidated.
+    RollbackRequested: Never,
     /// The source returned the value a target already holds.
     NewValueNotNew: Never,
     /// The write-ahead record of the rotation is gone.

@@ -1,5 +1,5 @@
 //! Every annotation and label key rekey reads or writes. Users set the first
-//! three on a SecretRotation; rekey writes the others.
+//! four on a SecretRotation; rekey writes the others.
 
 /// Set by a person (or `kubectl rekey rotate`) on a SecretRotation to request
 /// a rotation now; any new value is a new request.
@@ -8,6 +8,9 @@ pub const ROTATE_ANNOTATION: &str = "rekey.dev/rotate";
 pub const APPROVE_ANNOTATION: &str = "rekey.dev/approve";
 /// Confirms that the old value was invalidated by hand (manual source).
 pub const CONFIRM_ANNOTATION: &str = "rekey.dev/confirm-invalidated";
+/// Asks rekey to stop the rotation whose id it holds and write the previous
+/// value back (as `onFailure: Rollback`); refused once invalidation began.
+pub const ROLLBACK_ANNOTATION: &str = "rekey.dev/rollback";
 /// On a Secret rekey wrote (kubernetesSecret target): the rotation id of the write.
 pub const WRITTEN_BY_ANNOTATION: &str = "rekey.dev/written-by-rotation";
 /// On a Secret in another namespace: the namespaces whose SecretRotations may

@@ -186,6 +186,10 @@ pub struct RotationStatus {
     /// are exempt from the drain proof).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ConsumerStatus>,
+    /// Where the proof stands, per ExternalSecret, workload and draining
+    /// consumer, as last observed (AwaitingSync and AwaitingRollout).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proof: Vec<ProofItem>,
     /// Each ExternalSecret's `status.syncedResourceVersion` before rekey's
     /// refresh request: the sync counts only once ESO itself synced after
     /// the request (a value rekey wrote cannot prove itself).
@@ -216,6 +220,10 @@ pub struct RotationStatus {
     /// Whether a GraceWindowAtRisk warning was emitted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grace_warned: bool,
+    /// Whether a rollback request (`rekey.dev/rollback`) was refused (and
+    /// said so in an Event).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback_refused: bool,
     /// Set right before the old value is invalidated, after the final
     /// re-check of the proof passed: a retry invalidates again (idempotent)
     /// instead of re-checking a proof that was already acted on.
@@ -241,6 +249,22 @@ pub struct TargetStatus {
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_at: Option<Time>,
+}
+
+/// Where the proof stands for one ExternalSecret, workload or consumer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProofItem {
+    /// ExternalSecret, a workload kind, or a consumer's kind.
+    pub kind: String,
+    pub name: String,
+    /// Whether this part of the proof is observed: the ExternalSecret holds
+    /// the new value, the workload rolled out on it, the consumer's old pods
+    /// are gone.
+    pub proven: bool,
+    /// What is awaited, when not proven. Never a value.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub waiting_for: String,
 }
 
 /// An ExternalSecret's sync marker before rekey's refresh request.

@@ -166,6 +166,32 @@ pub fn after_failure(f: FailureFacts) -> AfterFailure {
     }
 }
 
+/// Why a person's rollback request (`rekey.dev/rollback`) cannot be served
+/// now; `None`: it can, and the rotation fails with `RollbackRequested`
+/// under `onFailure: Rollback`'s rules ([`after_failure`]).
+pub fn rollback_refusal(
+    phase: Phase,
+    invalidation_started: bool,
+    issued: bool,
+    old_value_expires: bool,
+) -> Option<&'static str> {
+    if phase.is_terminal() {
+        return Some("the rotation has ended");
+    }
+    if phase == Phase::RollingBack {
+        return Some("the rotation is already rolling back");
+    }
+    if invalidation_started || matches!(phase, Phase::Invalidating | Phase::AwaitingConfirmation) {
+        return Some("the old value is being invalidated: it cannot be written back");
+    }
+    if issued && old_value_expires {
+        return Some(
+            "the identity provider expires the old value at the end of its grace window: written back, it would stop working then. Finish the rotation instead",
+        );
+    }
+    None
+}
+
 #[cfg(test)]
 #[path = "transition_tests.rs"]
 mod tests;

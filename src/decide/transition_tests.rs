@@ -273,3 +273,22 @@ fn spec_changes_are_taken_over_only_before_issuing() {
         }
     }
 }
+
+#[test]
+fn a_rollback_request_is_served_only_before_invalidation_and_never_for_an_expiring_old_value() {
+    for phase in Phase::ALL {
+        let served = rollback_refusal(phase, false, true, false).is_none();
+        let before_invalidation = !phase.is_terminal()
+            && !matches!(
+                phase,
+                Phase::Invalidating | Phase::AwaitingConfirmation | Phase::RollingBack
+            );
+        assert_eq!(served, before_invalidation, "{phase:?}");
+        // Once invalidation began (a retry may be in Verifying's successor), never.
+        assert!(rollback_refusal(phase, true, true, false).is_some());
+        // Keycloak: once issued, the old value dies on its own timer.
+        assert!(rollback_refusal(phase, false, true, true).is_some());
+    }
+    // Before anything was issued, even a Keycloak rotation can stop.
+    assert!(rollback_refusal(Phase::Preflight, false, false, true).is_none());
+}

@@ -3,11 +3,12 @@
 use std::time::Duration;
 
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 
 use super::view::View;
 use super::{announce, finalizer, phases};
 use crate::crd::Phase;
-use crate::crd::keys::CONFIRM_ANNOTATION;
+use crate::crd::keys::{CONFIRM_ANNOTATION, ROLLBACK_ANNOTATION};
 use crate::decide::{self, Next, OnTransient, Outcome, Route};
 use crate::error::{Error, Result};
 use crate::reason::Reason;
@@ -47,6 +48,9 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
         }
         v.rotation_mut().spec_fingerprint = fingerprint;
     }
+    if let Some(err) = rollback_request(&mut v) {
+        return phases::fail::run(&mut v, err).await;
+    }
     // One phase after the other while each is entered with nothing to
     // wait for (its status is written first, so a crash resumes there).
     loop {
@@ -57,6 +61,37 @@ pub(super) async fn reconcile(mut v: View) -> Result<Action> {
             return Ok(action);
         }
         v.now = (v.ctx.clock)();
+    }
+}
+
+/// A person's rollback request for this rotation (`rekey.dev/rollback`
+/// holding its id), as the error that fails it; refused (with a Warning
+/// Event, once) where `decide::rollback_refusal` says so.
+fn rollback_request(v: &mut View) -> Option<Error> {
+    let rot = v.rotation();
+    if v.annotations().get(ROLLBACK_ANNOTATION) != Some(&rot.id) || rot.failure.is_some() {
+        return None;
+    }
+    let old_value_expires = v.source().is_ok_and(|s| s.old_value_expires());
+    let refusal = decide::rollback_refusal(
+        v.phase(),
+        rot.invalidation_started,
+        rot.issued_at.is_some(),
+        old_value_expires,
+    );
+    match refusal {
+        None => Some(Error::permanent(
+            Reason::RollbackRequested,
+            format!("a rollback was requested (annotation {ROLLBACK_ANNOTATION})"),
+        )),
+        Some(why) => {
+            if !rot.rollback_refused {
+                let note = format!("Rollback of rotation {} refused: {why}", rot.id);
+                v.event(EventType::Warning, "RollbackRefused", note);
+                v.rotation_mut().rollback_refused = true;
+            }
+            None
+        }
     }
 }
 

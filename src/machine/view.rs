@@ -12,7 +12,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
 use super::{Context, MANAGER};
-use crate::crd::{Phase, RotationStatus, SecretRotation, SecretRotationStatus};
+use crate::crd::{Phase, ProofItem, RotationStatus, SecretRotation, SecretRotationStatus};
 use crate::decide;
 use crate::error::{Error, Result};
 use crate::metrics::RotationLabels;
@@ -216,6 +216,25 @@ impl View {
             message.push_str(&format!("; proof deadline {}", deadline.0));
         }
         self.set_condition(condition::ROTATING, "True", phase, &message);
+    }
+
+    /// Records where the proof stands for one ExternalSecret, workload or
+    /// consumer: proven, or what is awaited.
+    pub fn set_proof(&mut self, kind: &str, name: &str, waiting_for: Option<String>) {
+        let item = ProofItem {
+            kind: kind.into(),
+            name: name.into(),
+            proven: waiting_for.is_none(),
+            waiting_for: waiting_for.unwrap_or_default(),
+        };
+        let proof = &mut self.rotation_mut().proof;
+        match proof
+            .iter_mut()
+            .find(|p| p.kind == item.kind && p.name == item.name)
+        {
+            Some(p) => *p = item,
+            None => proof.push(item),
+        }
     }
 
     pub fn set_condition(&mut self, type_: &str, status: &str, reason: &str, message: &str) {

@@ -18,6 +18,7 @@ mod packaging;
 mod proof;
 mod rotation;
 mod safety;
+mod steering;
 mod store_contract;
 mod stores;
 

@@ -3,6 +3,8 @@
 //! read (`crate::proof::consumers`, or the watch index of `crate::wake`);
 //! the verdicts are in `crate::decide::consumers`.
 
+use std::collections::BTreeMap;
+
 use super::super::view::View;
 use crate::crd::ConsumerStatus;
 use crate::decide;
@@ -82,14 +84,13 @@ pub fn uncovered_message(uncovered: &[decide::consumers::ConsumerRef]) -> String
     )
 }
 
-/// The drain proof: how many pods of the restarted or awaited consumers
-/// started before the new value was synced and still run or terminate.
-/// Pods as in `pods_now`.
-pub async fn old_pods_left(v: &View) -> Result<Option<String>> {
+/// The drain proof: per restarted or awaited consumer, how many of its pods
+/// started before the new value was synced and still run or terminate
+/// (none listed: drained). Pods as in `pods_now`.
+pub async fn draining(v: &View) -> Result<BTreeMap<decide::consumers::ConsumerRef, usize>> {
     let Some(synced) = v.rotation().new_value_synced_at.as_ref().map(|t| t.0) else {
-        return Ok(None);
+        return Ok(BTreeMap::new());
     };
     let pods = pods_now(v).await?;
-    let left = decide::consumers::draining(&pods, &v.sr.spec.proof, synced);
-    Ok(decide::consumers::describe_draining(&left))
+    Ok(decide::consumers::draining(&pods, &v.sr.spec.proof, synced))
 }

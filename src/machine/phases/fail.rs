@@ -6,9 +6,10 @@ use tracing::warn;
 
 use super::super::announce;
 use super::super::view::View;
-use crate::crd::{Failure, Phase};
+use crate::crd::{Failure, FailurePolicy, Phase};
 use crate::decide::{self, AfterFailure, FailureFacts};
 use crate::error::{Error, Result};
+use crate::reason::Reason;
 
 pub async fn run(v: &mut View, err: Error) -> Result<Action> {
     let phase = v.phase();
@@ -16,7 +17,11 @@ pub async fn run(v: &mut View, err: Error) -> Result<Action> {
     let after = decide::after_failure(FailureFacts {
         phase,
         reason: err.reason,
-        policy: v.sr.spec.on_failure,
+        // A person's rollback request follows onFailure: Rollback's rules.
+        policy: match err.reason {
+            Reason::RollbackRequested => FailurePolicy::Rollback,
+            _ => v.sr.spec.on_failure,
+        },
         targets_written: !v.rotation().targets.is_empty(),
         issued: v.rotation().issued_at.is_some(),
         old_value_expires: v.source().is_ok_and(|s| s.old_value_expires()),

@@ -15,28 +15,25 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let workloads = v.ctx.providers.rollouts(&v.namespace);
     let annotation = restart_annotation(&v.name);
     let mut waiting = vec![];
-    for w in &v.sr.spec.proof.workloads {
+    let sr = v.sr.clone();
+    for w in &sr.spec.proof.workloads {
         let o = workloads.observe(w, &annotation).await?;
         let mode = v.sr.spec.proof.restart;
         let restarted =
             decide::on_rotation_template(mode, &rot, w, o.stamped.as_deref(), &o.template);
-        if !restarted && mode == RestartMode::Trigger {
+        let kind = format!("{:?}", w.kind);
+        let why = if !restarted && mode == RestartMode::Trigger {
             // One stamp per rotation: exactly one rollout.
             v.act("restart", workloads.restart(w, &annotation, &rot.id))
                 .await?;
-            waiting.push(format!("{:?} {} restarting", w.kind, w.name));
-            continue;
-        }
-        if !restarted {
-            waiting.push(format!(
-                "{:?} {} not restarted yet (restart: Await)",
-                w.kind, w.name
-            ));
+            Some("restarting".to_string())
+        } else if !restarted {
+            Some("not restarted yet (restart: Await)".to_string())
         } else if !decide::rollout_complete(&o.facts) {
-            waiting.push(format!(
-                "{:?} {} rolling out ({}/{} updated, {} ready, {} available)",
-                w.kind, w.name, o.facts.updated, o.facts.desired, o.facts.ready, o.facts.available
-            ));
+            Some(format!(
+                "rolling out ({}/{} updated, {} ready, {} available)",
+                o.facts.updated, o.facts.desired, o.facts.ready, o.facts.available
+            ))
         } else if mode == RestartMode::Await
             && !decide::started_after_sync(
                 workloads.oldest_pod(w).await?,
@@ -45,19 +42,34 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         {
             // Restarted, but by a change made before the new value was
             // synced (an unrelated deploy): its pods read the old value.
-            waiting.push(format!(
-                "{:?} {} restarted before the new value was synced; waiting for a restart after it (restart: Await)",
-                w.kind, w.name
-            ));
+            Some("restarted before the new value was synced; waiting for a restart after it (restart: Await)".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = &why {
+            waiting.push(format!("{kind} {} {why}", w.name));
         }
+        v.set_proof(&kind, &w.name, why);
     }
     let mut reason = Reason::RolloutTimeout;
-    if waiting.is_empty()
-        && let Some(left) = super::consumers::old_pods_left(v).await?
-    {
-        // Rolled out, but old pods still run or terminate.
-        waiting.push(left);
-        reason = Reason::DrainTimeout;
+    if waiting.is_empty() {
+        // Rolled out, but old pods may still run or terminate.
+        let left = super::consumers::draining(v).await?;
+        for c in v.rotation().consumers.clone() {
+            if matches!(c.handling.as_str(), "Restarted" | "Await") {
+                let old = left
+                    .iter()
+                    .find(|(r, _)| r.kind == c.kind && r.name == c.name)
+                    .map(|(_, n)| {
+                        format!("{n} pod(s) that started before the new value was synced still running or terminating")
+                    });
+                v.set_proof(&c.kind, &c.name, old);
+            }
+        }
+        if let Some(text) = decide::consumers::describe_draining(&left) {
+            waiting.push(text);
+            reason = Reason::DrainTimeout;
+        }
     }
     if waiting.is_empty() {
         v.rotation_mut().rolled_out_at = Some(Time(v.now));

@@ -36,23 +36,22 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         v.write_status().await?;
     }
     let mut waiting = vec![];
-    for es in &v.sr.spec.proof.external_secrets {
+    for es in &sr.spec.proof.external_secrets {
         let before = v
             .rotation()
             .sync_baselines
             .iter()
             .find(|b| b.name == es.name)
             .map(|b| b.synced_resource_version.clone());
-        if let Some(why) = v
+        let why = v
             .act(
                 "refresh request",
                 eso.refresh_and_check(es, &id, &value, before.as_deref()),
             )
             .await?
-            .waiting_for()
-        {
-            waiting.push(why);
-        }
+            .waiting_for();
+        v.set_proof("ExternalSecret", &es.name, why.clone());
+        waiting.extend(why);
     }
     if waiting.is_empty() {
         // When the consumers' Secrets got the value: ESO's own sync time
