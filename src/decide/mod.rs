@@ -21,5 +21,6 @@ pub use request::{Request, Served, cron_is_valid, next_cron, next_rotation_at, r
 pub use rollout::{RolloutFacts, on_rotation_template, rollout_complete, started_after_sync};
 pub use transition::{
     AfterFailure, FailureFacts, Next, OnTransient, Outcome, Route, after_failure, next,
-    on_transient_error, rollback_refusal, spec_change_allowed, steps_at_once, waits_for_a_person,
+    on_transient_error, retry_delay, rollback_refusal, spec_change_allowed, steps_at_once,
+    waits_for_a_person,
 };

@@ -166,6 +166,21 @@ pub fn after_failure(f: FailureFacts) -> AfterFailure {
     }
 }
 
+/// How long to wait before the next attempt after the `attempt`-th
+/// consecutive transient error (1-based): doubling from `base`, at most
+/// `max`, plus up to a quarter more drawn from `jitter` in [0, 1), so that
+/// many rotations failing on one store at once do not retry in step.
+pub fn retry_delay(
+    attempt: u32,
+    base: std::time::Duration,
+    max: std::time::Duration,
+    jitter: f64,
+) -> std::time::Duration {
+    let doubled = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let delay = doubled.min(max);
+    delay + delay.mul_f64(jitter.clamp(0.0, 1.0) / 4.0)
+}
+
 /// Why a person's rollback request (`rekey.dev/rollback`) cannot be served
 /// now; `None`: it can, and the rotation fails with `RollbackRequested`
 /// under `onFailure: Rollback`'s rules ([`after_failure`]).

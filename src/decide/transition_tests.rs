@@ -292,3 +292,18 @@ fn a_rollback_request_is_served_only_before_invalidation_and_never_for_an_expiri
     // Before anything was issued, even a Keycloak rotation can stop.
     assert!(rollback_refusal(Phase::Preflight, false, false, true).is_none());
 }
+
+#[test]
+fn transient_retries_back_off_with_jitter_up_to_a_bound() {
+    use std::time::Duration;
+    let (base, max) = (Duration::from_secs(2), Duration::from_secs(30));
+    let plain: Vec<u64> = (1..=7)
+        .map(|a| retry_delay(a, base, max, 0.0).as_secs())
+        .collect();
+    assert_eq!(plain, [2, 4, 8, 16, 30, 30, 30]);
+    assert_eq!(retry_delay(3, base, max, 0.999).as_millis(), 9998);
+    assert_eq!(
+        retry_delay(1000, base, max, 1.0),
+        Duration::from_millis(37_500)
+    );
+}

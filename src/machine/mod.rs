@@ -86,6 +86,10 @@ pub struct Context {
     /// SecretRotations whose leftover write-ahead record this process has
     /// already removed (see `phases::idle`).
     swept: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Consecutive transient errors per SecretRotation and when the next
+    /// attempt may run (`decide::retry_delay`); cleared by a step that
+    /// succeeds.
+    failures: Arc<Mutex<HashMap<(String, String), (u32, std::time::Instant)>>>,
 }
 
 impl Context {
@@ -127,6 +131,7 @@ impl Context {
             start_bucket: Arc::new(Mutex::new(None)),
             written: Arc::default(),
             swept: Arc::default(),
+            failures: Arc::default(),
         }
     }
 
@@ -142,6 +147,42 @@ impl Context {
             .unwrap()
             .get_or_insert_with(|| StartBucket::new(rate))
             .take(rate, now)
+    }
+
+    /// Counts one more consecutive transient error and holds the next
+    /// attempt back: returns the attempt number and the delay.
+    pub(crate) fn back_off(&self, namespace: &str, name: &str) -> (u32, Duration) {
+        let mut failures = self.failures.lock().unwrap();
+        let entry = failures
+            .entry((namespace.to_string(), name.to_string()))
+            .or_insert((0, std::time::Instant::now()));
+        entry.0 += 1;
+        let delay = crate::decide::retry_delay(
+            entry.0,
+            self.poll
+                .clamp(Duration::from_secs(1), Duration::from_secs(2)),
+            Duration::from_secs(30),
+            rand::random(),
+        );
+        entry.1 = std::time::Instant::now() + delay;
+        (entry.0, delay)
+    }
+
+    /// How long the next attempt is still held back after an error: any
+    /// trigger (the status write that reported the error, a watch event)
+    /// waits for it.
+    fn held_back(&self, namespace: &str, name: &str) -> Option<Duration> {
+        let failures = self.failures.lock().unwrap();
+        let (_, not_before) = failures.get(&(namespace.to_string(), name.to_string()))?;
+        not_before.checked_duration_since(std::time::Instant::now())
+    }
+
+    /// A step went through: the next error starts the backoff over.
+    pub(crate) fn succeeded(&self, namespace: &str, name: &str) {
+        self.failures
+            .lock()
+            .unwrap()
+            .remove(&(namespace.to_string(), name.to_string()));
     }
 
     pub(crate) fn first_idle_look(&self, namespace: &str, name: &str) -> bool {
@@ -255,6 +296,10 @@ pub async fn reconcile(sr: Arc<SecretRotation>, ctx: Arc<Context>) -> Result<Act
         // triggers the next reconcile (within milliseconds); the requeue is
         // only the safety net.
         return Ok(Action::requeue(ctx.poll));
+    }
+    if let Some(wait) = ctx.held_back(&key.0, &key.1) {
+        // Backing off after a transient error.
+        return Ok(Action::requeue(wait));
     }
     let rotation = sr
         .status

@@ -1,6 +1,5 @@
 //! One reconcile: load, step, transition, record, requeue.
 
-use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -98,17 +97,20 @@ fn rollback_request(v: &mut View) -> Option<Error> {
 /// Runs the step of `phase` and applies its outcome or error.
 async fn run(v: &mut View, phase: Phase) -> Result<Action> {
     match step(v, phase).await {
-        Ok(outcome) => apply(v, phase, outcome).await,
+        Ok(outcome) => {
+            v.ctx.succeeded(&v.namespace, &v.name);
+            apply(v, phase, outcome).await
+        }
         Err(e) if e.permanent => phases::fail::run(v, e).await,
         Err(e) => match decide::on_transient_error(phase, v.phase_timed_out()) {
             OnTransient::Retry => {
-                v.set_rotating(&format!("retrying after error: {e}"));
+                let (attempt, delay) = v.ctx.back_off(&v.namespace, &v.name);
+                v.set_rotating(&format!(
+                    "retrying after error (attempt {attempt}, next in {}s): {e}",
+                    delay.as_secs()
+                ));
                 v.write_status().await?;
-                Ok(Action::requeue(
-                    v.ctx
-                        .poll
-                        .clamp(Duration::from_secs(2), Duration::from_secs(10)),
-                ))
+                Ok(Action::requeue(delay))
             }
             OnTransient::GiveUp => {
                 let message = format!("{} (gave up after {})", e.message, v.sr.spec.proof.timeout);

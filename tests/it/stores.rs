@@ -510,6 +510,85 @@ async fn ibm_and_aws_targets_rotate_together_through_eso() {
     .await;
 }
 
+/// A store that answers 500, 429 and 503 for a while: the operator retries
+/// with a growing, jittered delay, says so in the Rotating condition, and
+/// once the store answers again writes exactly one new version per store.
+#[tokio::test]
+async fn a_store_failing_for_a_while_is_retried_with_backoff_and_written_once() {
+    let (c, client, ns) = common::setup("flaky").await;
+    let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
+    let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
+    let op = Operator::start(REKEY, c, &ns);
+    s.emu.state.lock().unwrap().fail_next_writes = vec![500, 429, 503, 500];
+    create_rotation(
+        &client,
+        &ns,
+        "ai-component",
+        multi_spec(c, &s, json!({"generated": {}})),
+    )
+    .await;
+    // The condition says what is happening while it happens.
+    let said = std::sync::Mutex::new(String::new());
+    common::wait_for(
+        "the Rotating condition to report the retries",
+        LONG,
+        || async {
+            let sr = get_rotation(&client, &ns, "ai-component").await;
+            let message = sr
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Rotating"))
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            let seen = message.contains("retrying after error (attempt 3");
+            if seen {
+                *said.lock().unwrap() = message;
+            }
+            seen
+        },
+    )
+    .await;
+    let said = said.into_inner().unwrap();
+    assert!(said.contains("IbmSecretsManagerError"), "{said}");
+    wait_phase(&client, &ns, "ai-component", Phase::Succeeded, LONG).await;
+    assert!(s.emu.state.lock().unwrap().fail_next_writes.is_empty());
+    // Four refusals, then one write: the attempts spread out (1-2 s, then
+    // 2-4 s, 4-8 s, 8-16 s; only a generous lower bound is asserted).
+    let writes: Vec<std::time::Instant> = {
+        let st = s.emu.state.lock().unwrap();
+        st.calls
+            .iter()
+            .zip(&st.call_times)
+            .filter(|(call, _)| call.starts_with("POST") && call.ends_with("/versions"))
+            .map(|(_, at)| *at)
+            .collect()
+    };
+    assert_eq!(writes.len(), 5, "four refused writes and one accepted");
+    let spread = writes[4].duration_since(writes[0]);
+    assert!(
+        spread >= Duration::from_secs(7),
+        "retries backed off: {spread:?}"
+    );
+    assert_eq!(s.emu.secret(&s.ibm_id).versions.len(), 2, "one IBM version");
+    assert_eq!(
+        aws_stages(&s.aws, &s.aws_name).await.len(),
+        2,
+        "one AWS version"
+    );
+    assert_eq!(revisions(&client, &ns, "dev-app").await, 2, "one rollout");
+    let new = read_key(&client, &ns, "dev-creds", "client_secret")
+        .await
+        .unwrap();
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&dev_old, &prod_old, &new],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_target_that_cannot_be_written_fails_the_rotation_and_rolls_back_the_other() {
     let (c, client, ns) = common::setup("multifail").await;

@@ -131,6 +131,8 @@ pub struct Cluster {
     children: Mutex<Vec<(String, Child)>>,
     /// rekey's CRD applied (see `fixtures::install_crd`), once per cluster.
     pub(crate) crd: Once,
+    /// How each component was started, to start it again (`restart`).
+    specs: Vec<Spec>,
 }
 
 /// The rekey repository: the directory above this crate holding
@@ -216,7 +218,7 @@ enum Probe {
 
 type Ports = HashMap<&'static str, u16>;
 /// Builds a component's arguments from the current ports.
-type ArgsFn = Box<dyn Fn(&Ports) -> Vec<String>>;
+type ArgsFn = Box<dyn Fn(&Ports) -> Vec<String> + Send + Sync>;
 
 /// One component: its command line is built from the current ports, so it
 /// can be started again on fresh ones.
@@ -365,6 +367,7 @@ impl Cluster {
             watchdog: None,
             children: Mutex::new(vec![]),
             crd: Once::new(),
+            specs: vec![],
         };
         cluster.lease_ports(&[
             "etcd",
@@ -700,7 +703,37 @@ impl Cluster {
                 self.launch(spec)?;
             }
         }
+        self.specs.extend(specs);
         Ok(())
+    }
+
+    /// Kills one component (as SIGKILL: no cleanup) and starts it again with
+    /// the same arguments, ports and data (etcd keeps its data), then waits
+    /// until it answers its probe. `pause` runs between the two.
+    pub fn restart(&mut self, name: &str, pause: Duration) -> Result<()> {
+        let index = self
+            .specs
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no component {name}"))?;
+        {
+            let children = self.children.get_mut().unwrap_or_else(|e| e.into_inner());
+            if let Some(pos) = children.iter().position(|(n, _)| n == name) {
+                let (_, mut child) = children.remove(pos);
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        std::thread::sleep(pause);
+        let spec = self.specs.remove(index);
+        let started = self
+            .launch(&spec)
+            .and_then(|()| self.await_ready(&spec, &[name]));
+        self.specs.insert(index, spec);
+        match started? {
+            true => Ok(()),
+            false => bail!("{name} found its port taken on restart"),
+        }
     }
 
     fn launch(&mut self, spec: &Spec) -> Result<()> {
