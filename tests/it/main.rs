@@ -5,6 +5,7 @@
 //! (`rekey_testenv::private_cluster`).
 //!
 //! Run one suite with `cargo test --test it <suite>::`, e.g. `keycloak::`.
+mod faults;
 
 mod budget;
 mod consumers;

@@ -707,24 +707,24 @@ impl Cluster {
         Ok(())
     }
 
-    /// Kills one component (as SIGKILL: no cleanup) and starts it again with
-    /// the same arguments, ports and data (etcd keeps its data), then waits
-    /// until it answers its probe. `pause` runs between the two.
-    pub fn restart(&mut self, name: &str, pause: Duration) -> Result<()> {
+    /// Kills one component (as SIGKILL: no cleanup); `start` brings it back.
+    pub fn stop_component(&mut self, name: &str) {
+        let children = self.children.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = children.remove(pos);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped component again with the same arguments, ports and
+    /// data (etcd keeps its data) and waits until it answers its probe.
+    pub fn start_component(&mut self, name: &str) -> Result<()> {
         let index = self
             .specs
             .iter()
             .position(|s| s.name == name)
             .with_context(|| format!("no component {name}"))?;
-        {
-            let children = self.children.get_mut().unwrap_or_else(|e| e.into_inner());
-            if let Some(pos) = children.iter().position(|(n, _)| n == name) {
-                let (_, mut child) = children.remove(pos);
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        std::thread::sleep(pause);
         let spec = self.specs.remove(index);
         let started = self
             .launch(&spec)
@@ -734,6 +734,13 @@ impl Cluster {
             true => Ok(()),
             false => bail!("{name} found its port taken on restart"),
         }
+    }
+
+    /// `stop_component`, `pause`, then `start_component`.
+    pub fn restart(&mut self, name: &str, pause: Duration) -> Result<()> {
+        self.stop_component(name);
+        std::thread::sleep(pause);
+        self.start_component(name)
     }
 
     fn launch(&mut self, spec: &Spec) -> Result<()> {
