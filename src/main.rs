@@ -121,11 +121,13 @@ async fn main() -> anyhow::Result<()> {
             });
             tracing::info!(%metrics_addr, ?namespaces, "rekey starting");
             let ready = rekey::server::Readiness::default();
+            let leader = metrics.leader.clone();
             let serve = tokio::spawn(rekey::server::serve(metrics_addr, metrics, ready.clone()));
             if let Some(ns) = leader_election_namespace {
                 // A standby is ready to take over; the leader is ready once
                 // it has listed the SecretRotations.
                 ready.set(true);
+                leader.set(0);
                 let identity = std::env::var("POD_NAME")
                     .unwrap_or_else(|_| format!("rekey-{:08x}", rand::random::<u32>()));
                 let election =
@@ -134,6 +136,9 @@ async fn main() -> anyhow::Result<()> {
                 election.acquire_and_hold().await;
                 ready.set(false);
             }
+            // This replica reconciles from now on (a leader that loses its
+            // lease exits).
+            leader.set(1);
             tokio::select! {
                 r = serve => r??,
                 _ = rekey::machine::run(ctx, namespaces, max_concurrent_reconciles.max(1), debounce, ready) => {},

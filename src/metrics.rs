@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -57,13 +58,17 @@ pub struct CallKind {
 /// Every metric family rekey exports (without the `rekey_` prefix and the
 /// `_total`/`_bucket` suffixes). Families without series yet (e.g.
 /// `grace_seconds_left` between rotations) are absent from a scrape.
-pub const FAMILIES: [&str; 9] = [
+pub const FAMILIES: [&str; 13] = [
     "rotations_started",
     "rotations_finished",
     "rotation_duration_seconds",
     "phase_duration_seconds",
     "rotation_phase",
     "grace_seconds_left",
+    "grace_window_seconds",
+    "phase_started_timestamp_seconds",
+    "next_rotation_timestamp_seconds",
+    "leader",
     "provider_calls",
     "provider_call_duration_seconds",
     "reconcile_errors",
@@ -77,6 +82,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
+type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Seconds since the Unix epoch, as Prometheus compares with `time()`.
+fn unix_seconds(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
@@ -85,7 +97,12 @@ pub struct Metrics {
     pub rotation_duration: Family<PhaseOnly, Histogram, fn() -> Histogram>,
     pub phase_duration: Family<PhaseOnly, Histogram, fn() -> Histogram>,
     pub current_phase: Family<PhaseLabels, Gauge>,
-    pub grace_seconds_left: Family<RotationLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub grace_seconds_left: Family<RotationLabels, F64Gauge>,
+    /// The length of the grace window `grace_seconds_left` counts down.
+    pub grace_window: Family<RotationLabels, F64Gauge>,
+    pub phase_started: Family<RotationLabels, F64Gauge>,
+    pub next_rotation: Family<RotationLabels, F64Gauge>,
+    pub leader: Gauge,
     pub provider_calls: Family<CallLabels, Counter>,
     pub provider_latency: Family<CallKind, Histogram, fn() -> Histogram>,
     pub reconcile_errors: Family<RotationLabels, Counter>,
@@ -111,6 +128,10 @@ impl Metrics {
             phase_duration: Family::new_with_constructor(seconds_histogram),
             current_phase: Family::default(),
             grace_seconds_left: Family::default(),
+            grace_window: Family::default(),
+            phase_started: Family::default(),
+            next_rotation: Family::default(),
+            leader: Gauge::default(),
             provider_calls: Family::default(),
             provider_latency: Family::new_with_constructor(latency_histogram),
             reconcile_errors: Family::default(),
@@ -145,6 +166,26 @@ impl Metrics {
             "grace_seconds_left",
             "Seconds until the old value's grace window ends, for rotations in progress",
             m.grace_seconds_left.clone(),
+        );
+        r.register(
+            "grace_window_seconds",
+            "Length of the old value's grace window (oldValueValidFor), for rotations in progress that issued a new value",
+            m.grace_window.clone(),
+        );
+        r.register(
+            "phase_started_timestamp_seconds",
+            "When the current phase of the rotation in progress began (Unix time)",
+            m.phase_started.clone(),
+        );
+        r.register(
+            "next_rotation_timestamp_seconds",
+            "When the schedule asks for the next rotation (Unix time; status.nextRotationAt)",
+            m.next_rotation.clone(),
+        );
+        r.register(
+            "leader",
+            "1 when this replica reconciles (it holds the leader lease, or leader election is off), 0 on a standby",
+            m.leader.clone(),
         );
         r.register(
             "provider_calls",
@@ -203,6 +244,39 @@ impl Metrics {
         }
     }
 
+    /// Sets the timestamps that follow a SecretRotation's status: when the
+    /// current phase of its rotation in progress began, and when its
+    /// schedule asks for the next rotation. `None` removes the series.
+    pub fn set_times(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase_started: Option<Timestamp>,
+        next_rotation: Option<Timestamp>,
+    ) {
+        self.known
+            .lock()
+            .unwrap()
+            .insert((namespace.into(), name.into()));
+        let l = RotationLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        for (family, at) in [
+            (&self.phase_started, phase_started),
+            (&self.next_rotation, next_rotation),
+        ] {
+            match at {
+                Some(t) => {
+                    family.get_or_create(&l).set(unix_seconds(t));
+                }
+                None => {
+                    family.remove(&l);
+                }
+            }
+        }
+    }
+
     /// Removes every series of a SecretRotation that is gone, so a deleted
     /// rotation costs no memory and no scrape line.
     pub fn forget(&self, namespace: &str, name: &str) {
@@ -216,6 +290,9 @@ impl Metrics {
         };
         self.rotations_started.remove(&rotation);
         self.grace_seconds_left.remove(&rotation);
+        self.grace_window.remove(&rotation);
+        self.phase_started.remove(&rotation);
+        self.next_rotation.remove(&rotation);
         self.reconcile_errors.remove(&rotation);
         for p in Phase::ALL {
             self.current_phase.remove(&PhaseLabels {
@@ -288,6 +365,20 @@ mod tests {
         m.set_phase("ns", "b", Phase::Writing);
         m.reconcile_error("ns", "b");
         assert_eq!(lines_of(&m, "a"), 1);
+        let at = |s| Timestamp::from_second(s).ok();
+        m.set_times("ns", "a", at(1_700_000_000), at(1_700_086_400));
+        assert_eq!(lines_of(&m, "a"), 3);
+        let scrape = m.encode();
+        assert!(
+            scrape.contains(
+                "rekey_next_rotation_timestamp_seconds{namespace=\"ns\",name=\"a\"} 1700086400"
+            ),
+            "{scrape}"
+        );
+        // Finished: no phase in progress; no schedule.
+        m.set_times("ns", "a", None, None);
+        assert_eq!(lines_of(&m, "a"), 1);
+        m.set_times("ns", "a", at(1_700_000_000), at(1_700_086_400));
         m.forget("ns", "a");
         assert_eq!(lines_of(&m, "a"), 0);
         // A rotation deleted without its last reconcile: found by `retain`.

@@ -1,6 +1,5 @@
 //! One reconcile: load, step, transition, record, requeue.
 
-
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
@@ -14,6 +13,7 @@ use crate::reason::Reason;
 use crate::wake::Interest;
 
 pub(super) async fn reconcile(mut v: View) -> Result<Action> {
+    v.meter_status();
     if let Some(wake) = v.ctx.wake.clone() {
         // Watches wake a rotation in progress when what it waits on changes.
         let phase = v.phase();

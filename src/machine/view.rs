@@ -312,10 +312,34 @@ impl View {
                 .insert((self.namespace.clone(), self.name.clone()), rv);
         }
         self.written = self.status.clone();
+        self.meter_status();
         if let Some(hook) = &self.ctx.on_status_written {
             hook(self.phase());
         }
         Ok(())
+    }
+
+    /// Sets the gauges that follow status from what it says now: the phase,
+    /// when the phase in progress began, when the schedule asks for the next
+    /// rotation; the grace gauges go with the rotation in progress. After
+    /// each status write and at the start of each reconcile (a restarted
+    /// operator, a new leader), so alerts see them without a transition.
+    pub fn meter_status(&self) {
+        let m = &self.ctx.metrics;
+        if let Some(phase) = self.status.phase {
+            m.set_phase(&self.namespace, &self.name, phase);
+        }
+        let rotation = self.status.rotation.as_ref();
+        m.set_times(
+            &self.namespace,
+            &self.name,
+            rotation.and_then(|r| r.phase_started_at.as_ref().map(|t| t.0)),
+            self.status.next_rotation_at.as_ref().map(|t| t.0),
+        );
+        if rotation.is_none() {
+            m.grace_seconds_left.remove(&self.labels());
+            m.grace_window.remove(&self.labels());
+        }
     }
 
     /// Publishes an Event about this SecretRotation (in the background).

@@ -21,6 +21,11 @@ pub async fn watch(v: &mut View) -> Result<()> {
         .grace_seconds_left
         .get_or_create(&v.labels())
         .set(decide::grace_left(issued, window, v.now));
+    v.ctx
+        .metrics
+        .grace_window
+        .get_or_create(&v.labels())
+        .set(window.as_secs_f64());
     let state = decide::grace(issued, window, v.now);
     if state == Grace::Ok || matches!(v.phase(), Phase::Invalidating | Phase::AwaitingConfirmation)
     {
