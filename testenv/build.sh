@@ -129,7 +129,20 @@ build_health() {
   (cd "$here/health" && go build -trimpath -ldflags "-s -w" -o "$out/bin/health" .)
 }
 
-want=(kube kwok-stages eso moto keycloak helm health)
+# promtool checks and unit-tests the chart's alerting rules (tests/it/alerts.rs).
+# The Prometheus version is the one in promtool/go.mod.
+build_promtool() {
+  local out="$1"
+  (
+    cd "$here/promtool"
+    local version
+    version="$(go list -m -f '{{.Version}}' github.com/prometheus/prometheus)"
+    go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=${version}" \
+      -o "$out/bin/promtool" github.com/prometheus/prometheus/cmd/promtool
+  )
+}
+
+want=(kube kwok-stages eso moto keycloak helm health promtool)
 
 mkdir -p "$cache_root" "$repo/target"
 envfile="$repo/target/testenv.env"
@@ -143,6 +156,7 @@ for c in "${want[@]}"; do
     keycloak) dirs[keycloak]="$(component keycloak "$(key "$KEYCLOAK_VERSION" "$(declare -f build_keycloak)")" build_keycloak)" ;;
     helm) dirs[helm]="$(component helm "$(key "$HELM_VERSION" "$here/helm/go.mod" "$here/helm/go.sum" "$(declare -f build_helm)")" build_helm)" ;;
     health) dirs[health]="$(component health "$(key "$here/health/go.mod" "$here/health/go.sum" "$here/health/main.go" "$(declare -f build_health)")" build_health)" ;;
+    promtool) dirs[promtool]="$(component promtool "$(key "$here/promtool/go.mod" "$here/promtool/go.sum" "$(declare -f build_promtool)")" build_promtool)" ;;
     *) echo "unknown component $c" >&2; exit 2 ;;
   esac
 done
@@ -157,6 +171,7 @@ done
     && echo "REKEY_JAVA_HOME=$("$here/java21.sh")"
   [[ -n "${dirs[helm]:-}" ]] && echo "REKEY_HELM=${dirs[helm]}/bin/helm"
   [[ -n "${dirs[health]:-}" ]] && echo "REKEY_HEALTH_BIN=${dirs[health]}/bin/health"
+  [[ -n "${dirs[promtool]:-}" ]] && echo "REKEY_PROMTOOL=${dirs[promtool]}/bin/promtool"
   echo "REKEY_K8S_VERSION=${K8S_VERSION}"
 } > "$envfile"
 log "environment ready: $envfile"
