@@ -7,6 +7,7 @@
 //! Run one suite with `cargo test --test it <suite>::`, e.g. `keycloak::`.
 mod faults;
 
+mod alerts;
 mod budget;
 mod consumers;
 mod crd;
