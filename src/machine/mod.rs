@@ -57,6 +57,9 @@ pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 pub type StatusWritten = Arc<dyn Fn(crate::crd::Phase) + Send + Sync>;
 
 /// Shared by every reconcile.
+/// Consecutive transient errors, and when the next attempt may run.
+type Backoff = (u32, std::time::Instant);
+
 #[derive(Clone)]
 pub struct Context {
     pub client: Client,
@@ -89,7 +92,7 @@ pub struct Context {
     /// Consecutive transient errors per SecretRotation and when the next
     /// attempt may run (`decide::retry_delay`); cleared by a step that
     /// succeeds.
-    failures: Arc<Mutex<HashMap<(String, String), (u32, std::time::Instant)>>>,
+    failures: Arc<Mutex<HashMap<(String, String), Backoff>>>,
 }
 
 impl Context {
