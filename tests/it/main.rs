@@ -14,6 +14,7 @@ mod crd;
 mod environment;
 mod gitops;
 mod herds;
+mod hostile;
 mod keycloak;
 mod machine;
 mod packaging;
