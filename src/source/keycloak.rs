@@ -531,14 +531,24 @@ impl CredentialSource for Keycloak {
                 &e,
             )
         })?;
-        if resp.status().is_success() {
+        let status = resp.status();
+        if status.is_success() {
             Ok(())
+        } else if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            // Keycloak is busy or down, not refusing the secret: retried.
+            Err(Error::transient(
+                Reason::KeycloakError,
+                format!(
+                    "Keycloak answered HTTP {} to a token request with the new secret",
+                    status.as_u16()
+                ),
+            ))
         } else {
             Err(Error::permanent(
                 Reason::NewValueRejected,
                 format!(
                     "Keycloak refused a token request with the new secret (HTTP {})",
-                    resp.status().as_u16()
+                    status.as_u16()
                 ),
             ))
         }

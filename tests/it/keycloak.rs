@@ -431,3 +431,158 @@ async fn a_regenerate_that_commits_late_is_never_followed_by_a_second() {
     );
     assert!(kc.token_ok(&realm, "ai-component", new.expose()).await);
 }
+
+/// A proxy to Keycloak that answers 503 to the calls `failing` names while
+/// it does ("verify": the client's token requests; "invalidate": deleting
+/// the rotated secret); everything else goes through.
+async fn failing_proxy(
+    upstream: String,
+    realm: String,
+) -> (String, std::sync::Arc<std::sync::Mutex<&'static str>>) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use std::sync::{Arc, Mutex};
+    let failing: Arc<Mutex<&'static str>> = Arc::new(Mutex::new(""));
+    let mode = failing.clone();
+    let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+        let (upstream, realm, mode) = (upstream.clone(), realm.clone(), mode.clone());
+        async move {
+            let path = uri.path().to_string();
+            let fails = match *mode.lock().unwrap() {
+                "verify" => {
+                    method == Method::POST
+                        && path == format!("/realms/{realm}/protocol/openid-connect/token")
+                }
+                "invalidate" => {
+                    method == Method::DELETE && path.ends_with("/client-secret/rotated")
+                }
+                _ => false,
+            };
+            if fails {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    HeaderMap::new(),
+                    Bytes::new(),
+                );
+            }
+            let url = format!("{upstream}{}", uri.path_and_query().unwrap());
+            let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
+            let mut req = reqwest::Client::new().request(method, url).body(body);
+            for (k, v) in headers.iter().filter(|(k, _)| *k != "host") {
+                req = req.header(k.as_str(), v.as_bytes());
+            }
+            let resp = req.send().await.unwrap();
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+            let mut out = HeaderMap::new();
+            if let Some(ct) = resp.headers().get("content-type") {
+                out.insert("content-type", ct.to_str().unwrap().parse().unwrap());
+            }
+            (status, out, resp.bytes().await.unwrap())
+        }
+    };
+    let app = axum::Router::new().fallback(forward);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, failing)
+}
+
+/// Issue 12 item 2: Keycloak unavailable during Verifying, then during
+/// Invalidating. Each is retried where it failed (no phase before it runs
+/// again: one regenerate, one rollout), the Rotating condition says so, and
+/// once Keycloak answers the rotation ends with the old secret refused.
+#[tokio::test]
+async fn keycloak_down_while_verifying_and_invalidating_is_retried_in_place() {
+    let c = common::cluster();
+    let kc = keycloak(c);
+    let client = common::client_for(c).await;
+    let ns = common::namespace(&client, "kcdown").await;
+    let realm = format!("r{}", rand::random::<u32>());
+    let (_, old) = kc
+        .realm_with_client(&realm, "ai-component", Some(3600))
+        .await;
+    scene(c, &client, &ns, &old).await;
+    admin_secret(&client, &ns, kc).await;
+    let (proxy, failing) = failing_proxy(kc.url.clone(), realm.clone()).await;
+    let op = Operator::start(REKEY, c, &ns);
+    let mut spec = keycloak_spec(&proxy, &realm);
+    spec["proof"]["restart"] = json!("Await");
+    spec["proof"]["timeout"] = json!("5m");
+    create_rotation(&client, &ns, "ai-component", spec).await;
+    wait_phase(&client, &ns, "ai-component", Phase::AwaitingRollout, LONG).await;
+    let new = read_key(&client, &ns, "app-creds", "client_secret")
+        .await
+        .unwrap();
+
+    let retrying_in = |phase: Phase| {
+        let (client, ns) = (client.clone(), ns.clone());
+        async move {
+            common::wait_for(&format!("retries in {phase}"), LONG, || async {
+                let sr = get_rotation(&client, &ns, "ai-component").await;
+                let status = sr.status.unwrap_or_default();
+                status.phase == Some(phase)
+                    && status.conditions.iter().any(|c| {
+                        c.type_ == "Rotating"
+                            && c.message.contains("retrying after error (attempt 2")
+                    })
+            })
+            .await;
+        }
+    };
+    *failing.lock().unwrap() = "verify";
+    let patch =
+        json!({"spec": {"template": {"metadata": {"annotations": {"restarted-by": "test"}}}}});
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch("app", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    retrying_in(Phase::Verifying).await;
+    assert!(
+        kc.token_ok(&realm, "ai-component", &old).await,
+        "the old secret still works while verification cannot run"
+    );
+    *failing.lock().unwrap() = "invalidate";
+    retrying_in(Phase::Invalidating).await;
+    assert!(kc.token_ok(&realm, "ai-component", &old).await);
+    *failing.lock().unwrap() = "";
+    let sr = wait_phase(&client, &ns, "ai-component", Phase::Succeeded, LONG).await;
+
+    assert!(
+        !kc.token_ok(&realm, "ai-component", &old).await,
+        "old secret refused"
+    );
+    assert!(
+        kc.token_ok(&realm, "ai-component", &new).await,
+        "new secret works"
+    );
+    let phases: Vec<Phase> = sr
+        .status
+        .unwrap()
+        .last_rotation
+        .unwrap()
+        .phases
+        .iter()
+        .map(|p| p.phase)
+        .collect();
+    for once in [
+        Phase::Issuing,
+        Phase::Writing,
+        Phase::AwaitingSync,
+        Phase::AwaitingRollout,
+    ] {
+        assert_eq!(
+            phases.iter().filter(|p| **p == once).count(),
+            1,
+            "{once:?} ran once: {phases:?}"
+        );
+    }
+    assert_eq!(revisions(&client, &ns, "app").await, 2, "one rollout");
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&old, &new, &kc.admin_password],
+    )
+    .await;
+}
