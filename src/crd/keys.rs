@@ -1,11 +1,20 @@
 //! Every annotation and label key rekey reads or writes. Users set the first
-//! four on a SecretRotation; rekey writes the others.
+//! six on a SecretRotation; rekey writes the others.
 
 /// Set by a person (or `kubectl rekey rotate`) on a SecretRotation to request
 /// a rotation now; any new value is a new request.
 pub const ROTATE_ANNOTATION: &str = "rekey.dev/rotate";
 /// Approves the rotation whose id it holds (`spec.approval.required`).
 pub const APPROVE_ANNOTATION: &str = "rekey.dev/approve";
+/// Who made the request (a rotate annotation, a `spec.trigger` change, a
+/// creation): the user name as the API server knows it. The chart's
+/// ValidatingAdmissionPolicy requires it on every request and lets it name
+/// only the user making the request; rekey copies it into status and Events.
+pub const REQUESTED_BY_ANNOTATION: &str = "rekey.dev/requested-by";
+/// Who approved (set with `rekey.dev/approve`): the policy lets it name only
+/// the approving user, who must be allowed the verb `approve` on
+/// secretrotations and must not be the requester.
+pub const APPROVED_BY_ANNOTATION: &str = "rekey.dev/approved-by";
 /// Confirms that the old value was invalidated by hand (manual source).
 pub const CONFIRM_ANNOTATION: &str = "rekey.dev/confirm-invalidated";
 /// Asks rekey to stop the rotation whose id it holds and write the previous

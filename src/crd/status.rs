@@ -148,6 +148,14 @@ pub struct RotationStatus {
     /// The `rekey.dev/rotate` annotation when it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_request: Option<String>,
+    /// Who requested it: `rekey.dev/requested-by` when it started (none for
+    /// a scheduled rotation). A user name, checked by the chart's admission
+    /// policy to be the requesting user's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Who approved it: `rekey.dev/approved-by` when the approval was served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
     /// When it was requested.
     pub requested_at: Option<MicroTime>,
     /// When the current phase started.
@@ -317,6 +325,12 @@ pub struct RotationSummary {
     pub result: Phase,
     /// Why it started.
     pub reason: String,
+    /// Who requested it (none for a scheduled rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Who approved it (`spec.approval.required`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
     pub started_at: Option<Time>,

@@ -131,6 +131,8 @@ mod tests {
             id: "r".into(),
             result,
             reason: String::new(),
+            requested_by: None,
+            approved_by: None,
             failure: None,
             started_at: None,
             finished_at: None,

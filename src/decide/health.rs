@@ -172,6 +172,8 @@ mod tests {
             id: "r0".into(),
             result,
             reason: "Created".into(),
+            requested_by: None,
+            approved_by: None,
             failure,
             started_at: None,
             finished_at: None,

@@ -26,6 +26,8 @@ pub fn summarize(
         id: rotation.id.clone(),
         result,
         reason: rotation.reason.clone(),
+        requested_by: rotation.requested_by.clone(),
+        approved_by: rotation.approved_by.clone(),
         failure: rotation.failure.clone(),
         started_at: rotation.requested_at.as_ref().map(|t| Time(t.0)),
         finished_at: Some(Time(now)),
@@ -57,6 +59,8 @@ mod tests {
             requested_at: Some(MicroTime(ts("2026-01-01T00:00:00Z"))),
             issued_at: Some(Time(ts("2026-01-01T00:00:10Z"))),
             rolled_back: true,
+            requested_by: Some("alice".into()),
+            approved_by: Some("bob".into()),
             ..Default::default()
         };
         let window = Duration::from_secs(60);
@@ -69,6 +73,11 @@ mod tests {
         assert_eq!(ok.duration_seconds, 70.0);
         assert!(!ok.grace_exceeded);
         assert!(!ok.rolled_back, "only a failed rotation reports a rollback");
+        assert_eq!(
+            (ok.requested_by.as_deref(), ok.approved_by.as_deref()),
+            (Some("alice"), Some("bob")),
+            "the summary keeps who requested and who approved"
+        );
         let late = summarize(&rot, Phase::Failed, window, ts("2026-01-01T00:01:10Z"));
         assert!(late.grace_exceeded);
         assert!(late.rolled_back);

@@ -23,11 +23,33 @@ pub(super) async fn started(v: &View, id: &str, request: Request) {
     v.ctx
         .metrics
         .set_phase(&v.namespace, &v.name, Phase::Pending);
-    info!(rotation = %id, reason = request.as_str(), "rotation requested");
+    let by = v.rotation().requested_by.clone();
+    info!(rotation = %id, reason = request.as_str(), requested_by = by.as_deref(), "rotation requested");
+    let by = by.map(|who| format!(" by {who}")).unwrap_or_default();
     v.event(
         EventType::Normal,
         "RotationRequested",
-        format!("Rotation {id} requested: {}", request.as_str()),
+        format!("Rotation {id} requested: {}{by}", request.as_str()),
+    );
+}
+
+/// The rotation was approved (its status, with the approver, is written).
+fn approved(v: &View) {
+    let rot = v.rotation();
+    let by = match rot.approved_by.as_deref() {
+        Some(who) => format!("by {who}"),
+        None => "(no rekey.dev/approved-by)".to_string(),
+    };
+    let requester = rot
+        .requested_by
+        .as_deref()
+        .map(|who| format!(", requested by {who}"))
+        .unwrap_or_default();
+    info!(rotation = %rot.id, approved_by = rot.approved_by.as_deref(), "rotation approved");
+    v.event(
+        EventType::Normal,
+        "Approved",
+        format!("Rotation {} approved {by}{requester}", rot.id),
     );
 }
 
@@ -68,6 +90,9 @@ pub(super) async fn advance(v: &mut View, next: Phase) -> Result<Action> {
         note.push_str(&format!(" (versions written: {})", versions.join(", ")));
     }
     info!(rotation = %rot.id, from = from.as_str(), to = next.as_str(), "phase changed");
+    if from == Phase::AwaitingApproval {
+        approved(v);
+    }
     v.event(EventType::Normal, next.as_str(), note);
     if next == Phase::AwaitingConfirmation {
         let msg = format!(

@@ -1,9 +1,9 @@
 //! `kubectl rekey`: look at and steer SecretRotations from a terminal.
 //!
 //!   kubectl rekey status [NAME]            table; with NAME, the phase timeline
-//!   kubectl rekey rotate NAME [--wait]     request a rotation now
+//!   kubectl rekey rotate NAME [--wait]     request a rotation now (as you: rekey.dev/requested-by)
 //!   kubectl rekey wait NAME                wait for the requested rotation; non-zero on Failed
-//!   kubectl rekey approve NAME             approve the rotation waiting for approval
+//!   kubectl rekey approve NAME             approve the rotation waiting for approval (as you)
 //!   kubectl rekey confirm-invalidated NAME confirm a manual invalidation
 //!   kubectl rekey history NAME             the last rotations
 //!   kubectl rekey why NAME                 what blocks it, and what to do
@@ -23,10 +23,11 @@ use wait::wait_for_rotation;
 use anyhow::{Context as _, Result, bail};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use rekey::crd::keys::{
-    APPROVE_ANNOTATION, CONFIRM_ANNOTATION, ROLLBACK_ANNOTATION, ROTATE_ANNOTATION,
+    APPROVE_ANNOTATION, APPROVED_BY_ANNOTATION, CONFIRM_ANNOTATION, REQUESTED_BY_ANNOTATION,
+    ROLLBACK_ANNOTATION, ROTATE_ANNOTATION,
 };
 use rekey::crd::{Phase, SecretRotation};
 
@@ -62,7 +63,8 @@ enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
-    /// Request a rotation now (sets the rekey.dev/rotate annotation).
+    /// Request a rotation now (sets the rekey.dev/rotate annotation, and
+    /// rekey.dev/requested-by to your user name as the API server knows it).
     Rotate {
         name: String,
         /// Then wait for it, as `kubectl rekey wait` does.
@@ -81,7 +83,8 @@ enum Command {
         #[arg(long, default_value = "30m", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Approve the rotation that waits in AwaitingApproval.
+    /// Approve the rotation that waits in AwaitingApproval (sets
+    /// rekey.dev/approve, and rekey.dev/approved-by to your user name).
     Approve { name: String },
     /// Confirm that the old value was invalidated by hand (manual source).
     ConfirmInvalidated { name: String },
@@ -99,11 +102,50 @@ enum Command {
 }
 
 async fn annotate(api: &Api<SecretRotation>, name: &str, key: &str, value: &str) -> Result<()> {
-    let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+    annotate_as(api, name, key, value, None).await
+}
+
+/// Sets `key: value` and, with `by`, the annotation naming who did it
+/// (`by.0: by.1`) in the same write: the chart's admission policy checks
+/// them together.
+async fn annotate_as(
+    api: &Api<SecretRotation>,
+    name: &str,
+    key: &str,
+    value: &str,
+    by: Option<(&str, &str)>,
+) -> Result<()> {
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(key.into(), value.into());
+    if let Some((by_key, user)) = by {
+        annotations.insert(by_key.into(), user.into());
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .with_context(|| format!("annotate {name}"))?;
-    Ok(())
+    {
+        Ok(_) => Ok(()),
+        // A refusal (RBAC, the admission policy) is a sentence.
+        Err(kube::Error::Api(s)) => bail!("annotate {name}: {} (HTTP {})", s.message, s.code),
+        Err(e) => Err(e).with_context(|| format!("annotate {name}")),
+    }
+}
+
+/// The caller's user name as the API server sees it (a SelfSubjectReview):
+/// what the admission policy compares `requested-by` and `approved-by` with.
+async fn whoami(client: &Client) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("find out who you are (SelfSubjectReview, authentication.k8s.io/v1)")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .filter(|u| !u.is_empty())
+        .context("the API server's SelfSubjectReview names no user")
 }
 
 /// Reads one SecretRotation; a missing one or a refusal is a sentence, not
@@ -243,11 +285,18 @@ async fn run() -> Result<()> {
             timeout,
         } => {
             let token = now.to_string();
-            annotate(&api, &name, ROTATE_ANNOTATION, &token).await?;
+            let me = whoami(&client).await?;
+            let by = Some((REQUESTED_BY_ANNOTATION, me.as_str()));
+            annotate_as(&api, &name, ROTATE_ANNOTATION, &token, by).await?;
             if json && !wait {
-                println!("{}", serde_json::json!({"name": name, "requested": token}));
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "requested": token, "requestedBy": me})
+                );
             } else if !json {
-                println!("Rotation of {ns}/{name} requested ({ROTATE_ANNOTATION}={token}).");
+                println!(
+                    "Rotation of {ns}/{name} requested by {me} ({ROTATE_ANNOTATION}={token})."
+                );
             }
             if wait {
                 wait_for_rotation(&api, &ns, &name, timeout, json).await?;
@@ -259,11 +308,16 @@ async fn run() -> Result<()> {
         }
         Command::Approve { name } => {
             let id = waiting_rotation(&api, &ns, &name, Phase::AwaitingApproval).await?;
-            annotate(&api, &name, APPROVE_ANNOTATION, &id).await?;
+            let me = whoami(&client).await?;
+            let by = Some((APPROVED_BY_ANNOTATION, me.as_str()));
+            annotate_as(&api, &name, APPROVE_ANNOTATION, &id, by).await?;
             if json {
-                println!("{}", serde_json::json!({"name": name, "approved": id}));
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "approved": id, "approvedBy": me})
+                );
             } else {
-                println!("Rotation {id} of {ns}/{name} approved.");
+                println!("Rotation {id} of {ns}/{name} approved by {me}.");
             }
         }
         Command::ConfirmInvalidated { name } => {

@@ -49,11 +49,15 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
     println!("Phase:      {}", phase(status.phase));
     if let Some(rot) = &status.rotation {
         println!(
-            "Rotation:   {} ({}), requested {}",
+            "Rotation:   {} ({}), requested {}{}",
             rot.id,
             rot.reason,
-            ago(rot.requested_at.as_ref().map(|t| Time(t.0)).as_ref(), now)
+            ago(rot.requested_at.as_ref().map(|t| Time(t.0)).as_ref(), now),
+            by(" by ", rot.requested_by.as_deref())
         );
+        if let Some(who) = &rot.approved_by {
+            println!("Approved by: {who}");
+        }
         if let Some(until) = &rot.old_value_valid_until {
             println!(
                 "Old value valid until: {} ({})",
@@ -87,11 +91,13 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
         }
     } else if let Some(last) = &status.last_rotation {
         println!(
-            "Last:       {} {:?} {} ({:.0}s)",
+            "Last:       {} {:?} {} ({:.0}s){}{}",
             last.id,
             last.result,
             ago(last.finished_at.as_ref(), now),
-            last.duration_seconds
+            last.duration_seconds,
+            by(", requested by ", last.requested_by.as_deref()),
+            by(", approved by ", last.approved_by.as_deref())
         );
         for (i, p) in last.phases.iter().enumerate() {
             // The phase a rotation failed in is its last: shown once, as failed.
@@ -135,6 +141,11 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
             c.type_, c.status, c.reason, c.message
         );
     }
+}
+
+/// `prefix` and the user, or nothing.
+fn by(prefix: &str, who: Option<&str>) -> String {
+    who.map(|w| format!("{prefix}{w}")).unwrap_or_default()
 }
 
 pub fn history_rows(h: &[RotationSummary], now: Timestamp) -> Vec<Vec<String>> {

@@ -173,7 +173,11 @@ pub fn why(sr: &SecretRotation, now: Timestamp) -> Why {
     let ns = &namespace;
     match phase {
         Phase::AwaitingApproval => w.what_to_do.push(format!(
-            "approve it (someone allowed to approve): kubectl rekey -n {ns} approve {name}"
+            "approve it (someone allowed to approve{}): kubectl rekey -n {ns} approve {name}",
+            rot.requested_by
+                .as_deref()
+                .map(|who| format!(", not its requester {who}"))
+                .unwrap_or_default()
         )),
         Phase::AwaitingConfirmation => w.what_to_do.push(format!(
             "invalidate the old value at the identity provider, then: kubectl rekey -n {ns} confirm-invalidated {name}"

@@ -8,7 +8,7 @@ use kube::runtime::controller::Action;
 
 use super::super::announce;
 use super::super::view::{View, condition};
-use crate::crd::keys::ROTATE_ANNOTATION;
+use crate::crd::keys::{REQUESTED_BY_ANNOTATION, ROTATE_ANNOTATION};
 use crate::crd::{Phase, RotationStatus, new_rotation_id};
 use crate::decide::{self, Request, Served};
 use crate::error::Result;
@@ -95,6 +95,7 @@ async fn start(v: &mut View, request: Request) -> Result<Action> {
         reason: request.as_str().into(),
         trigger: v.sr.spec.trigger.clone(),
         rotate_request: v.annotations().get(ROTATE_ANNOTATION).cloned(),
+        requested_by: requester(v, request),
         requested_at: Some(MicroTime(v.now)),
         phase_started_at: Some(MicroTime(v.now)),
         spec_fingerprint: v.spec_fingerprint(),
@@ -112,6 +113,21 @@ async fn start(v: &mut View, request: Request) -> Result<Action> {
     v.write_status().await?;
     announce::started(v, &id, request).await;
     Ok(Action::requeue(v.ctx.poll))
+}
+
+/// Who made `request`: `rekey.dev/requested-by`, which the chart's admission
+/// policy requires with every request (rotate annotation, `spec.trigger`,
+/// creation) to be the requesting user's own name. A schedule has no
+/// requester: the annotation then names an earlier request's.
+fn requester(v: &View, request: Request) -> Option<String> {
+    match request {
+        Request::Schedule => None,
+        Request::Created | Request::TriggerChanged | Request::OnDemand => v
+            .annotations()
+            .get(REQUESTED_BY_ANNOTATION)
+            .filter(|who| !who.is_empty())
+            .cloned(),
+    }
 }
 
 /// A schedule that can no longer be served says so (condition and a Warning
