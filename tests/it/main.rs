@@ -8,6 +8,7 @@
 mod faults;
 
 mod alerts;
+mod approval;
 mod budget;
 mod consumers;
 mod crd;
