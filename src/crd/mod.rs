@@ -403,7 +403,7 @@ pub struct AwsSecretsManagerTarget {
     /// `arn:aws:iam::123456789012:role/rekey-ai-component`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 20, max = 2048))]
-    #[x_kube(validation = Rule::new("self.startsWith('arn:')").message("roleArn must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/name"))]
+    #[x_kube(validation = Rule::new("self.matches('^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$')").message("roleArn must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/name"))]
     pub role_arn: Option<String>,
     /// Endpoint override, e.g. a VPC endpoint or a local emulator.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -235,13 +235,19 @@ fn admission_cases() -> Vec<(&'static str, Edit, Vec<&'static str>)> {
             vec!["serviceUrl must be an http(s) URL"],
         ),
         (
-            // Defect noted (issue 12 item 4): the rule only checks the `arn:`
-            // prefix, so `arn:aws:s3:::bucket` passes admission and fails at
-            // runtime; here a value without the prefix.
             "aws-role-not-an-arn",
             Box::new(move |o: &mut Value| {
                 o["spec"]["targets"][0] = json!({"name": "prod", "awsSecretsManager": {
             "region": "us-east-1", "secretId": "x", "serviceAccountRef": {"name": "r"}, "roleArn": "iam::123456789012:role/no-arn-prefix"}})
+            }),
+            vec!["roleArn must be an IAM role ARN"],
+        ),
+        (
+            // An ARN, but of a bucket, not of an IAM role.
+            "aws-role-arn-of-a-bucket",
+            Box::new(move |o: &mut Value| {
+                o["spec"]["targets"][0] = json!({"name": "prod", "awsSecretsManager": {
+            "region": "us-east-1", "secretId": "x", "serviceAccountRef": {"name": "r"}, "roleArn": "arn:aws:s3:::some-bucket-name"}})
             }),
             vec!["roleArn must be an IAM role ARN"],
         ),

@@ -5,7 +5,6 @@
 //! (`rekey_testenv::private_cluster`).
 //!
 //! Run one suite with `cargo test --test it <suite>::`, e.g. `keycloak::`.
-mod faults;
 
 mod alerts;
 mod approval;
@@ -13,6 +12,7 @@ mod budget;
 mod consumers;
 mod crd;
 mod environment;
+mod faults;
 mod gitops;
 mod herds;
 mod hostile;
