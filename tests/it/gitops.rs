@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::REKEY;
+use crate::{REKEY, plugin};
 use common::cluster::{Cluster, repo_root};
 use common::fixtures::*;
 use common::operator::Operator;
@@ -19,21 +19,6 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(120);
 const NAME: &str = "app-secret";
-
-fn plugin(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
-        .args(["-n", ns])
-        .args(args)
-        .env("KUBECONFIG", &c.kubeconfig)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 /// `kubectl wait --for=condition=<condition>`: whether it returned met.
 fn kubectl_wait(c: &Cluster, ns: &str, condition: &str, timeout: &str) -> bool {

@@ -344,36 +344,46 @@ async fn invalidation_spares_the_slot_when_the_secret_changed_since() {
     );
 }
 
-/// A proxy to Keycloak that loses the answer of the first regenerate call
-/// and forwards that call only `delay` later: a call that commits late.
-async fn late_committing_proxy(upstream: String, delay: Duration) -> String {
+/// What a proxy in front of Keycloak does with one call.
+enum Proxied {
+    Forward,
+    /// Answer with this status at once, and forward the call only after
+    /// this long (a call that commits late), or never.
+    Answer(u16, Option<Duration>),
+}
+
+/// A proxy to Keycloak that asks `decide` (method, path) what to do with
+/// each call.
+async fn keycloak_proxy(
+    upstream: String,
+    decide: impl Fn(&str, &str) -> Proxied + Clone + Send + Sync + 'static,
+) -> String {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, Method, StatusCode, Uri};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let delayed = Arc::new(AtomicBool::new(false));
     let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-        let upstream = upstream.clone();
-        let delayed = delayed.clone();
+        let (upstream, decide) = (upstream.clone(), decide.clone());
         async move {
             let send = {
                 let url = format!("{upstream}{}", uri.path_and_query().unwrap());
                 let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-                let mut req = reqwest::Client::new()
-                    .request(method.clone(), url)
-                    .body(body);
+                let mut req = reqwest::Client::new().request(method, url).body(body);
                 for (k, v) in headers.iter().filter(|(k, _)| *k != "host") {
                     req = req.header(k.as_str(), v.as_bytes());
                 }
                 req
             };
-            let regenerate = method == Method::POST && uri.path().ends_with("/client-secret");
-            if regenerate && !delayed.swap(true, Ordering::SeqCst) {
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    send.send().await.unwrap();
-                });
-                return (StatusCode::GATEWAY_TIMEOUT, HeaderMap::new(), Bytes::new());
+            if let Proxied::Answer(status, later) = decide(method.as_str(), uri.path()) {
+                if let Some(delay) = later {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        send.send().await.unwrap();
+                    });
+                }
+                return (
+                    StatusCode::from_u16(status).unwrap(),
+                    HeaderMap::new(),
+                    Bytes::new(),
+                );
             }
             let resp = send.send().await.unwrap();
             let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
@@ -389,6 +399,50 @@ async fn late_committing_proxy(upstream: String, delay: Duration) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
+}
+
+/// A proxy to Keycloak that loses the answer of the first regenerate call
+/// and forwards that call only `delay` later: a call that commits late.
+async fn late_committing_proxy(upstream: String, delay: Duration) -> String {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let delayed = Arc::new(AtomicBool::new(false));
+    keycloak_proxy(upstream, move |method, path| {
+        let regenerate = method == "POST" && path.ends_with("/client-secret");
+        if regenerate && !delayed.swap(true, Ordering::SeqCst) {
+            Proxied::Answer(504, Some(delay))
+        } else {
+            Proxied::Forward
+        }
+    })
+    .await
+}
+
+/// A proxy to Keycloak that answers 503 to the calls `failing` names while
+/// it does ("verify": the client's token requests; "invalidate": deleting
+/// the rotated secret); everything else goes through.
+async fn failing_proxy(
+    upstream: String,
+    realm: String,
+) -> (String, std::sync::Arc<std::sync::Mutex<&'static str>>) {
+    let failing = std::sync::Arc::new(std::sync::Mutex::new(""));
+    let mode = failing.clone();
+    let url = keycloak_proxy(upstream, move |method, path| {
+        let fails = match *mode.lock().unwrap() {
+            "verify" => {
+                method == "POST" && path == format!("/realms/{realm}/protocol/openid-connect/token")
+            }
+            "invalidate" => method == "DELETE" && path.ends_with("/client-secret/rotated"),
+            _ => false,
+        };
+        if fails {
+            Proxied::Answer(503, None)
+        } else {
+            Proxied::Forward
+        }
+    })
+    .await;
+    (url, failing)
 }
 
 /// Issue 10 item 10: a regenerate call whose answer was lost may commit
@@ -430,61 +484,6 @@ async fn a_regenerate_that_commits_late_is_never_followed_by_a_second() {
         "the old secret survived"
     );
     assert!(kc.token_ok(&realm, "ai-component", new.expose()).await);
-}
-
-/// A proxy to Keycloak that answers 503 to the calls `failing` names while
-/// it does ("verify": the client's token requests; "invalidate": deleting
-/// the rotated secret); everything else goes through.
-async fn failing_proxy(
-    upstream: String,
-    realm: String,
-) -> (String, std::sync::Arc<std::sync::Mutex<&'static str>>) {
-    use axum::body::Bytes;
-    use axum::http::{HeaderMap, Method, StatusCode, Uri};
-    use std::sync::{Arc, Mutex};
-    let failing: Arc<Mutex<&'static str>> = Arc::new(Mutex::new(""));
-    let mode = failing.clone();
-    let forward = move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-        let (upstream, realm, mode) = (upstream.clone(), realm.clone(), mode.clone());
-        async move {
-            let path = uri.path().to_string();
-            let fails = match *mode.lock().unwrap() {
-                "verify" => {
-                    method == Method::POST
-                        && path == format!("/realms/{realm}/protocol/openid-connect/token")
-                }
-                "invalidate" => {
-                    method == Method::DELETE && path.ends_with("/client-secret/rotated")
-                }
-                _ => false,
-            };
-            if fails {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    HeaderMap::new(),
-                    Bytes::new(),
-                );
-            }
-            let url = format!("{upstream}{}", uri.path_and_query().unwrap());
-            let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-            let mut req = reqwest::Client::new().request(method, url).body(body);
-            for (k, v) in headers.iter().filter(|(k, _)| *k != "host") {
-                req = req.header(k.as_str(), v.as_bytes());
-            }
-            let resp = req.send().await.unwrap();
-            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-            let mut out = HeaderMap::new();
-            if let Some(ct) = resp.headers().get("content-type") {
-                out.insert("content-type", ct.to_str().unwrap().parse().unwrap());
-            }
-            (status, out, resp.bytes().await.unwrap())
-        }
-    };
-    let app = axum::Router::new().fallback(forward);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, failing)
 }
 
 /// Issue 12 item 2: Keycloak unavailable during Verifying, then during

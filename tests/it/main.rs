@@ -29,3 +29,20 @@ mod stores;
 /// The rekey binary Cargo built for these tests (`CARGO_BIN_EXE_*` exists
 /// only here, in the rekey package's integration tests, not in the harness).
 const REKEY: &str = env!("CARGO_BIN_EXE_rekey");
+
+/// Runs `kubectl-rekey -n NS ARGS` (the plugin Cargo built for these tests)
+/// as the cluster's admin: whether it succeeded, and stdout then stderr.
+fn plugin(c: &rekey_testenv::cluster::Cluster, ns: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
+        .args(["-n", ns])
+        .args(args)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

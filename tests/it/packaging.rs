@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::REKEY;
+use crate::{REKEY, plugin};
 use common::cluster::{Cluster, repo_root};
 use common::fixtures::*;
 use common::operator::Operator;
@@ -397,21 +397,6 @@ async fn each_rbac_rule_is_needed() {
         })))
         .await
         .unwrap();
-}
-
-fn plugin(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
-        .args(["-n", ns])
-        .args(args)
-        .env("KUBECONFIG", &c.kubeconfig)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 #[tokio::test]

@@ -5,11 +5,9 @@
 
 use rekey_testenv as common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use crate::REKEY;
-use common::cluster::Cluster;
+use crate::{REKEY, plugin};
 use common::fixtures::*;
 use common::operator::Operator;
 use k8s_openapi::api::core::v1::ResourceQuota;
@@ -19,21 +17,6 @@ use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
 const NAME: &str = "app-secret";
-
-fn plugin(c: &Cluster, ns: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
-        .args(["-n", ns])
-        .args(args)
-        .env("KUBECONFIG", &c.kubeconfig)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
 
 #[tokio::test]
 async fn why_status_and_rollback_steer_a_stuck_rotation() {
