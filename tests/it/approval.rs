@@ -86,18 +86,7 @@ fn kubeconfig_as(c: &Cluster, user: &str) -> PathBuf {
 
 /// `kubectl rekey` as `user`: (success, stdout and stderr).
 fn plugin_as(c: &Cluster, user: &str, ns: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
-        .args(["-n", ns])
-        .args(args)
-        .env("KUBECONFIG", kubeconfig_as(c, user))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    crate::plugin_with(&kubeconfig_as(c, user), ns, args)
 }
 
 /// Whether `user` may `verb` SecretRotations (`extra`: e.g. a subresource) in `ns`.

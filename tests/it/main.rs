@@ -33,10 +33,15 @@ const REKEY: &str = env!("CARGO_BIN_EXE_rekey");
 /// Runs `kubectl-rekey -n NS ARGS` (the plugin Cargo built for these tests)
 /// as the cluster's admin: whether it succeeded, and stdout then stderr.
 fn plugin(c: &rekey_testenv::cluster::Cluster, ns: &str, args: &[&str]) -> (bool, String) {
+    plugin_with(&c.kubeconfig, ns, args)
+}
+
+/// `kubectl-rekey -n NS ARGS` as whoever `kubeconfig` names.
+fn plugin_with(kubeconfig: &std::path::Path, ns: &str, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-rekey"))
         .args(["-n", ns])
         .args(args)
-        .env("KUBECONFIG", &c.kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .output()
         .unwrap();
     let text = format!(

@@ -407,14 +407,7 @@ async fn rollback(api: &Api<SecretRotation>, ns: &str, name: &str) -> Result<Str
         bail!("{name} has no rotation in progress: nothing to roll back");
     };
     let phase = status.phase.unwrap_or(Phase::Pending);
-    // Only Keycloak expires the old value on its own timer.
-    let old_value_expires = sr.spec.credential.keycloak.is_some();
-    if let Some(why) = rekey::decide::rollback_refusal(
-        phase,
-        rot.invalidation_started,
-        rot.issued_at.is_some(),
-        old_value_expires,
-    ) {
+    if let Some(why) = rollback_refusal(&sr, rot, phase) {
         bail!(
             "rotation {} of {ns}/{name} cannot be rolled back in {phase}: {why}",
             rot.id
@@ -422,4 +415,20 @@ async fn rollback(api: &Api<SecretRotation>, ns: &str, name: &str) -> Result<Str
     }
     annotate(api, name, ROLLBACK_ANNOTATION, &rot.id).await?;
     Ok(rot.id.clone())
+}
+
+/// Why the rotation `rot` of `sr` cannot be rolled back in `phase`, as the
+/// controller decides it (`decide::rollback_refusal`); only Keycloak expires
+/// the old value on its own timer.
+fn rollback_refusal(
+    sr: &SecretRotation,
+    rot: &rekey::crd::RotationStatus,
+    phase: Phase,
+) -> Option<&'static str> {
+    rekey::decide::rollback_refusal(
+        phase,
+        rot.invalidation_started,
+        rot.issued_at.is_some(),
+        sr.spec.credential.keycloak.is_some(),
+    )
 }

@@ -228,15 +228,7 @@ pub fn why(sr: &SecretRotation, now: Timestamp) -> Why {
             "nothing: the rotation is moving on its own".into()
         });
     }
-    let old_value_expires = sr.spec.credential.keycloak.is_some();
-    if rekey::decide::rollback_refusal(
-        phase,
-        rot.invalidation_started,
-        rot.issued_at.is_some(),
-        old_value_expires,
-    )
-    .is_none()
-    {
+    if super::rollback_refusal(sr, rot, phase).is_none() {
         w.what_to_do.push(format!(
             "to give up and write the previous value back: kubectl rekey -n {ns} rollback {name}"
         ));
