@@ -53,10 +53,10 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[x_kube(
-    validation = Rule::new("(has(self.proof.nothingToProve) && self.proof.nothingToProve) || (has(self.proof.externalSecrets) && size(self.proof.externalSecrets) > 0) || (has(self.proof.workloads) && size(self.proof.workloads) > 0)")
-        .message("proof must name at least one ExternalSecret or workload; set proof.nothingToProve: true to rotate without proof"),
-    validation = Rule::new("!has(self.proof.nothingToProve) || !self.proof.nothingToProve || ((!has(self.proof.externalSecrets) || size(self.proof.externalSecrets) == 0) && (!has(self.proof.workloads) || size(self.proof.workloads) == 0))")
-        .message("proof.nothingToProve: true cannot be combined with externalSecrets or workloads"),
+    validation = Rule::new("(has(self.proof.nothingToProve) && self.proof.nothingToProve) || (has(self.proof.externalSecrets) && size(self.proof.externalSecrets) > 0) || (has(self.proof.workloads) && size(self.proof.workloads) > 0) || (has(self.proof.clusters) && size(self.proof.clusters) > 0)")
+        .message("proof must name at least one ExternalSecret, workload or cluster; set proof.nothingToProve: true to rotate without proof"),
+    validation = Rule::new("!has(self.proof.nothingToProve) || !self.proof.nothingToProve || ((!has(self.proof.externalSecrets) || size(self.proof.externalSecrets) == 0) && (!has(self.proof.workloads) || size(self.proof.workloads) == 0) && (!has(self.proof.clusters) || size(self.proof.clusters) == 0))")
+        .message("proof.nothingToProve: true cannot be combined with externalSecrets, workloads or clusters"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SecretRotationSpec {
@@ -273,6 +273,15 @@ pub struct Target {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
+    /// The environment this target serves, e.g. `stage`. Targets and remote
+    /// clusters with the same environment form one group: a change request
+    /// (`approval.changeRequests`) covers a group. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub environment: Option<String>,
     /// A Kubernetes Secret, e.g. one that ESO's kubernetes provider reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_secret: Option<KubernetesSecretTarget>,
@@ -507,6 +516,95 @@ pub struct Proof {
     /// after the targets were written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub nothing_to_prove: bool,
+    /// Other clusters that consume the value, each proven like this one:
+    /// rekey requests the refresh of their ExternalSecrets, restarts their
+    /// workloads and waits for the proof in every cluster before it
+    /// invalidates the old value. A cluster rekey cannot reach holds the
+    /// rotation (condition `ClusterUnreachable`); it never counts as proven.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.all(c, self.exists_one(d, d.name == c.name))")
+        .message("proof.clusters names must be unique"))]
+    pub clusters: Vec<RemoteCluster>,
+}
+
+/// A remote cluster whose ExternalSecrets and workloads must run the new
+/// value too, reached through a kubeconfig kept in a Secret of this
+/// SecretRotation's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("(has(self.externalSecrets) && size(self.externalSecrets) > 0) || (has(self.workloads) && size(self.workloads) > 0)")
+    .message("each of proof.clusters must name at least one ExternalSecret or workload"))]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteCluster {
+    /// Name of the cluster, unique in this SecretRotation, e.g. `stage`.
+    /// Shown in status, Events and `kubectl rekey status`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The environment this cluster serves, e.g. `stage` (see
+    /// `targets[].environment`). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub environment: Option<String>,
+    /// The Secret (in this SecretRotation's namespace) whose key holds a
+    /// kubeconfig for the cluster, as Flux's `spec.kubeConfig.secretRef`.
+    /// The kubeconfig must carry its credentials inline (a token or a
+    /// client certificate): exec and auth-provider plugins and file paths
+    /// are refused, so a SecretRotation cannot make the operator run a
+    /// command or read its own files.
+    pub kube_config: KubeConfigRef,
+    /// The namespace in the remote cluster holding the ExternalSecrets and
+    /// workloads. Default: the kubeconfig context's namespace, else this
+    /// SecretRotation's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub namespace: Option<String>,
+    /// ExternalSecrets in the remote namespace that must deliver the new
+    /// value (as `proof.externalSecrets`).
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub external_secrets: Vec<ExternalSecretProof>,
+    /// Workloads in the remote namespace that must run on the new value (as
+    /// `proof.workloads`; `proof.restart` applies).
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub workloads: Vec<WorkloadRef>,
+}
+
+/// Where a remote cluster's kubeconfig is kept.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeConfigRef {
+    /// The Secret and key; the key defaults to `value` (Flux's convention).
+    pub secret_ref: KubeConfigSecretRef,
+}
+
+/// A Secret key holding a kubeconfig.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeConfigSecretRef {
+    /// Name of the Secret, in this SecretRotation's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+    /// Key inside the Secret (default `value`).
+    #[serde(default = "default_kubeconfig_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+fn default_kubeconfig_key() -> String {
+    "value".into()
 }
 
 fn default_true() -> bool {
