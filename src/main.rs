@@ -60,6 +60,25 @@ enum Command {
         /// Enable leader election on a Lease in this namespace (for replicas > 1).
         #[arg(long, env = "REKEY_LEADER_ELECTION_NAMESPACE")]
         leader_election_namespace: Option<String>,
+        /// How long a leader's renewal holds the lease; a standby takes it
+        /// after seeing it unrenewed this long.
+        #[arg(long, env = "REKEY_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+        leader_lease_duration: Duration,
+        /// A leader that could not renew for this long exits (shorter than
+        /// the lease duration).
+        #[arg(long, env = "REKEY_LEADER_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+        leader_renew_deadline: Duration,
+        /// How often the leader renews and a standby looks (shorter than
+        /// the renew deadline).
+        #[arg(long, env = "REKEY_LEADER_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+        leader_retry_period: Duration,
+        /// The longest a side effect (issue, store write, restart,
+        /// invalidation) may take under leader election: it starts only
+        /// while the lease outlives it, and is cut at it. Shorter than the
+        /// lease duration minus the retry period. Default: lease duration −
+        /// renew deadline + 1.5 × retry period (8s for the defaults).
+        #[arg(long, env = "REKEY_LEADER_CALL_TIMEOUT", value_parser = parse_duration)]
+        leader_call_timeout: Option<Duration>,
     },
 }
 
@@ -89,7 +108,20 @@ async fn main() -> anyhow::Result<()> {
             ibm_requests_per_second,
             max_concurrent_reconciles,
             debounce,
+            leader_lease_duration,
+            leader_renew_deadline,
+            leader_retry_period,
+            leader_call_timeout,
         } => {
+            // Checked before anything starts: a wrong combination is a
+            // configuration error, not something to find at the first failover.
+            let timings = rekey::leader::Timings::new(
+                leader_lease_duration,
+                leader_renew_deadline,
+                leader_retry_period,
+                leader_call_timeout,
+            )
+            .map_err(anyhow::Error::msg)?;
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
             if log_format == "json" {
@@ -131,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 let identity = std::env::var("POD_NAME")
                     .unwrap_or_else(|_| format!("rekey-{:08x}", rand::random::<u32>()));
                 let election =
-                    rekey::leader::LeaderElection::new(ctx.client.clone(), &ns, &identity);
+                    rekey::leader::LeaderElection::new(ctx.client.clone(), &ns, &identity, timings);
                 ctx.fence = election.fence();
                 election.acquire_and_hold().await;
                 ready.set(false);
