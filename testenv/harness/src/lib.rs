@@ -12,6 +12,7 @@ pub mod fixtures;
 pub mod ibm;
 pub mod keycloak;
 pub mod operator;
+pub mod proxy;
 pub mod recorder;
 
 use std::future::Future;
