@@ -20,6 +20,7 @@ use kube::{Api, Client};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reason::Reason;
+use crate::remote::RemoteClients;
 use crate::value::SecretValue;
 
 /// The narrow dependency set handed to every provider.
@@ -35,6 +36,8 @@ pub struct Deps {
     /// AWS credentials assumed with ServiceAccount tokens, shared by the
     /// stores built for every reconcile.
     pub aws: AwsIdentities,
+    /// Clients of the remote clusters of `proof.clusters`, per kubeconfig.
+    pub remotes: Arc<RemoteClients>,
 }
 
 impl Deps {
@@ -49,6 +52,7 @@ impl Deps {
             tokens: Tokens::default(),
             ibm_pace: Pace::new(DEFAULT_IBM_REQUESTS_PER_SECOND),
             aws: AwsIdentities::new(SharedTimeSource::default()),
+            remotes: Arc::default(),
         }
     }
 

@@ -16,6 +16,7 @@ pub mod proof;
 pub mod reason;
 pub mod server;
 pub mod source;
+pub mod remote;
 pub mod store;
 pub mod value;
 pub mod wake;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::crd::{
     AwsSecretsManagerTarget, FailurePolicy, GeneratedSource, IbmSecretsManagerTarget,
-    KeycloakSource, KubernetesSecretTarget, ManualSource, SecretRotationSpec, Target,
-    WebhookSource,
+    KeycloakSource, KubernetesSecretTarget, ManualSource, Proof, RemoteCluster, SecretRotationSpec,
+    Target, WebhookSource,
 };
 use crate::decide::Route;
 use crate::duration;
@@ -26,6 +26,57 @@ pub struct Plan {
     pub proof_timeout: Duration,
     pub route: Route,
     pub on_failure: FailurePolicy,
+    /// Where the proof is observed: this cluster first, then each of
+    /// `proof.clusters`.
+    pub places: Vec<Place>,
+}
+
+/// One cluster where the new value must be proven, with what must be
+/// proven there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Place {
+    /// None: the cluster rekey runs in.
+    pub cluster: Option<RemoteCluster>,
+    /// This cluster's part of the proof: for a remote cluster its
+    /// ExternalSecrets and workloads, with the spec's restart mode.
+    pub proof: Proof,
+}
+
+impl Place {
+    /// The remote cluster's name; empty for this cluster.
+    pub fn cluster_name(&self) -> &str {
+        self.cluster.as_ref().map_or("", |c| c.name.as_str())
+    }
+
+    /// `text` as said of this place: prefixed with the cluster when remote.
+    pub fn say(&self, text: &str) -> String {
+        match &self.cluster {
+            None => text.to_string(),
+            Some(c) => format!("cluster {}: {text}", c.name),
+        }
+    }
+}
+
+/// This cluster's proof, then one place per remote cluster.
+pub fn places(proof: &Proof) -> Vec<Place> {
+    let here = Place {
+        cluster: None,
+        proof: Proof {
+            clusters: vec![],
+            ..proof.clone()
+        },
+    };
+    let remote = proof.clusters.iter().map(|c| Place {
+        cluster: Some(c.clone()),
+        proof: Proof {
+            external_secrets: c.external_secrets.clone(),
+            workloads: c.workloads.clone(),
+            consumers: vec![],
+            clusters: vec![],
+            ..proof.clone()
+        },
+    });
+    std::iter::once(here).chain(remote).collect()
 }
 
 /// Where new values come from.
@@ -86,6 +137,7 @@ impl Plan {
                 .collect::<Result<_>>()?,
             route: Route::of(spec),
             on_failure: spec.on_failure,
+            places: places(&spec.proof),
         })
     }
 }

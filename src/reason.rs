@@ -100,6 +100,13 @@ reasons! {
     /// Pods that started before the new value was synced were still running
     /// or terminating when `proof.timeout` ran out.
     DrainTimeout: Never,
+    /// A remote cluster of `proof.clusters` could not be reached, or refused
+    /// rekey's credentials. It never counts as proven; retried until
+    /// `proof.timeout`.
+    ClusterUnreachable: UntilTimeout,
+    /// A remote cluster's kubeconfig is unusable or refused (an exec or
+    /// auth-provider plugin, or a file path).
+    InvalidKubeconfig: Never,
     /// A referenced Secret does not exist.
     SecretNotFound: Never,
     /// A referenced Secret lacks the key, or it is empty.

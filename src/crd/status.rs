@@ -301,6 +301,9 @@ pub struct WorkloadBaseline {
 pub struct ConsumerStatus {
     pub kind: String,
     pub name: String,
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
     /// Restarted, Await, ReloadsItself or Accept.
     pub handling: String,
 }
@@ -317,6 +320,9 @@ pub struct Failure {
 }
 
 /// A finished rotation.
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationSummary {
@@ -327,6 +333,9 @@ pub struct RotationSummary {
     pub reason: String,
     /// Who requested it (none for a scheduled rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
     pub requested_by: Option<String>,
     /// Who approved it (`spec.approval.required`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,6 +346,9 @@ pub struct RotationSummary {
     pub finished_at: Option<Time>,
     pub duration_seconds: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
     pub phases: Vec<PhaseTiming>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
@@ -376,3 +388,7 @@ mod tests {
         }
     }
 }
+    /// Where the proof stood at the end, per cluster, ExternalSecret,
+    /// workload and draining consumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proof: Vec<ProofItem>,

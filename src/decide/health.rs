@@ -181,6 +181,7 @@ mod tests {
             phases: vec![],
             targets: vec![],
             consumers: vec![],
+            proof: vec![],
             rolled_back: false,
             grace_exceeded: false,
         }

@@ -39,6 +39,7 @@ pub fn rollout_complete(f: &RolloutFacts) -> bool {
 pub fn on_rotation_template(
     mode: RestartMode,
     rotation: &RotationStatus,
+    cluster: &str,
     w: &WorkloadRef,
     stamped: Option<&str>,
     template: &str,
@@ -48,7 +49,7 @@ pub fn on_rotation_template(
         RestartMode::Await => rotation
             .workload_baselines
             .iter()
-            .find(|b| b.kind == w.kind && b.name == w.name)
+            .find(|b| b.cluster == cluster && b.kind == w.kind && b.name == w.name)
             .is_some_and(|b| template != b.template),
     }
 }

@@ -35,6 +35,7 @@ pub fn summarize(
         phases: rotation.phases.clone(),
         targets: rotation.targets.clone(),
         consumers: rotation.consumers.clone(),
+        proof: rotation.proof.clone(),
         rolled_back: result == Phase::Failed && rotation.rolled_back,
         grace_exceeded: rotation
             .issued_at

@@ -11,12 +11,13 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
+use super::providers::Proofs;
 use super::{Context, MANAGER};
 use crate::crd::{Phase, ProofItem, RotationStatus, SecretRotation, SecretRotationStatus};
 use crate::decide;
 use crate::error::{Error, Result};
 use crate::metrics::RotationLabels;
-use crate::plan::{Plan, TargetPlan};
+use crate::plan::{Place, Plan, TargetPlan};
 use crate::reason::Reason;
 use crate::source::CredentialSource;
 use crate::store::Store;
@@ -123,6 +124,32 @@ impl View {
 
     // ---- what the rotation acts on ----
 
+    /// What proves the value at `place`: this cluster's readers, or a
+    /// remote cluster's (whose API server must be an allowed host).
+    pub async fn proofs(&self, place: &Place) -> Result<Proofs> {
+        let providers = &self.ctx.providers;
+        let Some(cluster) = &place.cluster else {
+            return Ok(Proofs {
+                sync: providers.sync(&self.namespace),
+                rollouts: providers.rollouts(&self.namespace),
+                consumers: providers.consumers(&self.namespace),
+                server: None,
+            });
+        };
+        let proofs = providers.remote(&self.namespace, cluster).await?;
+        if let (Some(allowed), Some(server)) = (&self.ctx.allowed_hosts, &proofs.server)
+            && !crate::plan::host_allowed(server, allowed)
+        {
+            return Err(Error::permanent(
+                Reason::HostNotAllowed,
+                place.say(
+                    "the kubeconfig's server is a host outside this operator's --allowed-hosts",
+                ),
+            ));
+        }
+        Ok(proofs)
+    }
+
     pub fn source(&self) -> Result<Box<dyn CredentialSource>> {
         let plan = self.plan()?;
         Ok(self.ctx.providers.source(
@@ -220,17 +247,24 @@ impl View {
 
     /// Records where the proof stands for one ExternalSecret, workload or
     /// consumer: proven, or what is awaited.
-    pub fn set_proof(&mut self, kind: &str, name: &str, waiting_for: Option<String>) {
+    pub fn set_proof(
+        &mut self,
+        place: &Place,
+        kind: &str,
+        name: &str,
+        waiting_for: Option<String>,
+    ) {
         let item = ProofItem {
             kind: kind.into(),
             name: name.into(),
+            cluster: place.cluster_name().into(),
             proven: waiting_for.is_none(),
             waiting_for: waiting_for.unwrap_or_default(),
         };
         let proof = &mut self.rotation_mut().proof;
         match proof
             .iter_mut()
-            .find(|p| p.kind == item.kind && p.name == item.name)
+            .find(|p| p.cluster == item.cluster && p.kind == item.kind && p.name == item.name)
         {
             Some(p) => *p = item,
             None => proof.push(item),

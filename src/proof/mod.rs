@@ -3,6 +3,7 @@
 
 pub mod consumers;
 pub mod eso;
+pub mod remote;
 pub mod rollout;
 
 use async_trait::async_trait;

@@ -21,6 +21,7 @@ mod machine;
 mod packaging;
 mod proof;
 mod rotation;
+mod multicluster;
 mod safety;
 mod steering;
 mod store_contract;

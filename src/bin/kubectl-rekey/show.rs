@@ -77,15 +77,7 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
         for t in &rot.targets {
             println!("  target {} version {}", t.name, t.version);
         }
-        if !rot.proof.is_empty() {
-            println!("Proof:");
-            for p in &rot.proof {
-                match p.proven {
-                    true => println!("  ✓ {} {}", p.kind, p.name),
-                    false => println!("  … {} {}: {}", p.kind, p.name, p.waiting_for),
-                }
-            }
-        }
+        print_proof(&rot.proof);
         for c in &rot.consumers {
             println!("  consumer {} {}: {}", c.kind, c.name, c.handling);
         }
@@ -99,6 +91,7 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
             by(", requested by ", last.requested_by.as_deref()),
             by(", approved by ", last.approved_by.as_deref())
         );
+        print_proof(&last.proof);
         for (i, p) in last.phases.iter().enumerate() {
             // The phase a rotation failed in is its last: shown once, as failed.
             let failed = last
@@ -178,4 +171,29 @@ pub fn history_rows(h: &[RotationSummary], now: Timestamp) -> Vec<Vec<String>> {
         ]);
     }
     rows
+}
+
+/// The proof per item, grouped by cluster (this one first).
+fn print_proof(proof: &[rekey::crd::ProofItem]) {
+    if proof.is_empty() {
+        return;
+    }
+    println!("Proof:");
+    let mut clusters: Vec<&str> = proof.iter().map(|p| p.cluster.as_str()).collect();
+    clusters.sort();
+    clusters.dedup();
+    for cluster in clusters {
+        let indent = if cluster.is_empty() {
+            "  "
+        } else {
+            println!("  cluster {cluster}:");
+            "    "
+        };
+        for p in proof.iter().filter(|p| p.cluster == cluster) {
+            match p.proven {
+                true => println!("{indent}✓ {} {}", p.kind, p.name),
+                false => println!("{indent}… {} {}: {}", p.kind, p.name, p.waiting_for),
+            }
+        }
+    }
 }

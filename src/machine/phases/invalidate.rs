@@ -7,7 +7,7 @@ use crate::crd::Phase;
 use crate::crd::keys::restart_annotation;
 use crate::decide::{self, Outcome};
 use crate::error::{Error, Result};
-use crate::plan::Plan;
+use crate::plan::{Place, Plan};
 use crate::proof::eso::SyncState;
 use crate::reason::Reason;
 use crate::source::Invalidation;
@@ -59,13 +59,14 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
 async fn proof_lost(v: &View) -> Result<Option<String>> {
     let plan = v.plan()?.clone();
     let new = v.new_value().await?;
-    let lost = [
-        stores_lost(v, &plan, &new).await?,
-        syncs_lost(v, &new).await?,
-        rollouts_lost(v).await?,
-        consumers_lost(v, &plan).await?,
-    ]
-    .concat();
+    let lost = [stores_lost(v, &plan, &new).await?].concat();
+    let mut lost = lost;
+    // Every cluster again, remote ones too.
+    for place in &plan.places {
+        lost.extend(syncs_lost(v, place, &new).await?);
+        lost.extend(rollouts_lost(v, place).await?);
+        lost.extend(consumers_lost(v, &plan, place).await?);
+    }
     Ok((!lost.is_empty()).then(|| lost.join("; ")))
 }
 
@@ -89,38 +90,39 @@ async fn stores_lost(v: &View, plan: &Plan, new: &SecretValue) -> Result<Vec<Str
     Ok(lost)
 }
 
-/// ExternalSecrets that no longer deliver the new value.
-async fn syncs_lost(v: &View, new: &SecretValue) -> Result<Vec<String>> {
-    let eso = v.ctx.providers.sync(&v.namespace);
+/// ExternalSecrets of `place` that no longer deliver the new value.
+async fn syncs_lost(v: &View, place: &Place, new: &SecretValue) -> Result<Vec<String>> {
+    let eso = v.proofs(place).await?.sync;
     let mut lost = vec![];
-    for es in &v.sr.spec.proof.external_secrets {
+    for es in &place.proof.external_secrets {
         if let SyncState::Waiting(why) = eso.check(es, new).await? {
-            lost.push(why);
+            lost.push(place.say(&why));
         }
     }
     Ok(lost)
 }
 
-/// Workloads no longer rolled out on the proven template.
-async fn rollouts_lost(v: &View) -> Result<Vec<String>> {
+/// Workloads of `place` no longer rolled out on the proven template.
+async fn rollouts_lost(v: &View, place: &Place) -> Result<Vec<String>> {
     let rot = v.rotation();
-    let workloads = v.ctx.providers.rollouts(&v.namespace);
+    let workloads = v.proofs(place).await?.rollouts;
     let annotation = restart_annotation(&v.name);
     let mut lost = vec![];
-    for w in &v.sr.spec.proof.workloads {
+    for w in &place.proof.workloads {
         let o = workloads.observe(w, &annotation).await?;
         let on_proven_template = decide::on_rotation_template(
             v.sr.spec.proof.restart,
             rot,
+            place.cluster_name(),
             w,
             o.stamped.as_deref(),
             &o.template,
         );
         if !on_proven_template || !decide::rollout_complete(&o.facts) {
-            lost.push(format!(
+            lost.push(place.say(&format!(
                 "{:?} {} is no longer rolled out on the new value",
                 w.kind, w.name
-            ));
+            )));
         }
     }
     Ok(lost)
@@ -129,17 +131,17 @@ async fn rollouts_lost(v: &View) -> Result<Vec<String>> {
 /// Consumers again: one that appeared since Preflight (a new Deployment, a
 /// CronJob that fired) must be covered, and no old pod of a restarted or
 /// awaited consumer may be left.
-async fn consumers_lost(v: &View, plan: &Plan) -> Result<Vec<String>> {
-    let proof = &v.sr.spec.proof;
-    let census = super::consumers::census(v, plan).await?;
+async fn consumers_lost(v: &View, plan: &Plan, place: &Place) -> Result<Vec<String>> {
+    let proof = &place.proof;
+    let census = super::consumers::census(v, plan, place).await?;
     let uncovered = decide::consumers::uncovered(&census, proof);
     let mut lost = vec![];
     if !uncovered.is_empty() {
-        lost.push(super::consumers::uncovered_message(&uncovered));
+        lost.push(place.say(&super::consumers::uncovered_message(&uncovered)));
     }
     if let Some(synced) = v.rotation().new_value_synced_at.as_ref().map(|t| t.0) {
         let left = decide::consumers::draining(&census.pods, proof, synced);
-        lost.extend(decide::consumers::describe_draining(&left));
+        lost.extend(decide::consumers::describe_draining(&left).map(|t| place.say(&t)));
     }
     Ok(lost)
 }

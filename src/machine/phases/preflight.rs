@@ -76,25 +76,32 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         }
     }
     v.source()?.preflight(current.first()).await?;
-    let eso = v.ctx.providers.sync(&v.namespace);
-    for es in &spec.proof.external_secrets {
-        eso.preflight(es, &current).await?;
-    }
-    let workloads = v.ctx.providers.rollouts(&v.namespace);
     let annotation = restart_annotation(&v.name);
     let mut competing = vec![];
-    for w in &spec.proof.workloads {
-        let o = workloads.observe(w, &annotation).await?;
-        if let Some(stuck) = o.stuck {
-            return Err(Error::permanent(Reason::RolloutCannotProgress, stuck));
+    let mut covered = vec![];
+    for place in &plan.places {
+        // A remote cluster is reached (and its kubeconfig checked) here,
+        // before anything changes.
+        let proofs = v.proofs(place).await?;
+        for es in &place.proof.external_secrets {
+            proofs.sync.preflight(es, &current).await?;
         }
-        competing.extend(
-            o.other_restarters
-                .iter()
-                .map(|r| format!("{:?} {} is also restarted by {r}", w.kind, w.name)),
-        );
+        for w in &place.proof.workloads {
+            let o = proofs.rollouts.observe(w, &annotation).await?;
+            if let Some(stuck) = o.stuck {
+                return Err(Error::permanent(
+                    Reason::RolloutCannotProgress,
+                    place.say(&stuck),
+                ));
+            }
+            competing.extend(
+                o.other_restarters.iter().map(|r| {
+                    place.say(&format!("{:?} {} is also restarted by {r}", w.kind, w.name))
+                }),
+            );
+        }
+        covered.extend(consumers::covered(v, &plan, place).await?);
     }
-    let covered = consumers::covered(v, &plan).await?;
     v.rotation_mut().consumers = covered;
     warn_competing_restarters(v, &competing);
     Ok(Outcome::Done)

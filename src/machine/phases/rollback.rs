@@ -42,71 +42,80 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     // Proven when every ExternalSecret is Ready with a previous value in its
     // Secret (with none recorded: any value but the new one). Not Ready is
     // no proof: its Secret may still hold the new value.
-    let eso = v.ctx.providers.sync(&v.namespace);
     let previous: Vec<_> = record.previous.values().collect();
     let mut waiting = vec![];
-    for es in &v.sr.spec.proof.external_secrets {
-        let state = v
-            .act(
-                "refresh request",
-                eso.refresh_and_check(es, &token, &record.new, None),
-            )
-            .await?;
-        match state {
-            SyncState::Synced => waiting.push(format!(
-                "ExternalSecret {} still delivers the new value",
-                es.name
-            )),
-            SyncState::Waiting(why) => waiting.push(why),
-            // Another value: rolled back when it is a previous one (with
-            // none recorded, any value but the new one counts).
-            SyncState::ReadyWithOtherValue(_) => {
-                let mut restored = previous.is_empty();
-                for p in &previous {
-                    if restored {
-                        break;
+    for place in &plan.places {
+        let proofs = v.proofs(place).await?;
+        let eso = &proofs.sync;
+        let mut waiting_here: Vec<String> = vec![];
+        for es in &place.proof.external_secrets {
+            let state = v
+                .act(
+                    "rollback refresh request",
+                    eso.refresh_and_check(es, &token, &record.new, None),
+                )
+                .await?;
+            match state {
+                SyncState::Synced => waiting_here.push(format!(
+                    "ExternalSecret {} still delivers the new value",
+                    es.name
+                )),
+                SyncState::Waiting(why) => waiting_here.push(why),
+                // Another value: rolled back when it is a previous one (with
+                // none recorded, any value but the new one counts).
+                SyncState::ReadyWithOtherValue(_) => {
+                    let mut restored = previous.is_empty();
+                    for p in &previous {
+                        if restored {
+                            break;
+                        }
+                        restored = eso.check(es, p).await? == SyncState::Synced;
                     }
-                    restored = eso.check(es, p).await? == SyncState::Synced;
-                }
-                if !restored {
-                    waiting.push(format!(
-                        "ExternalSecret {} does not deliver a previous value yet",
-                        es.name
-                    ));
+                    if !restored {
+                        waiting_here.push(format!(
+                            "ExternalSecret {} does not deliver a previous value yet",
+                            es.name
+                        ));
+                    }
                 }
             }
         }
-    }
-    // Workloads this rotation restarted onto the new value restart again,
-    // once the Secrets hold the previous value (one stamp: one rollout).
-    // With restart: Await the restarter reacts to the Secret change itself.
-    if waiting.is_empty() && v.sr.spec.proof.restart == RestartMode::Trigger {
-        let workloads = v.ctx.providers.rollouts(&v.namespace);
-        let annotation = restart_annotation(&v.name);
-        for w in &v.sr.spec.proof.workloads {
-            let o = workloads.observe(w, &annotation).await?;
-            match o.stamped.as_deref() {
-                Some(s) if s == rot.id => {
-                    v.act("restart", workloads.restart(w, &annotation, &token))
+        // Workloads this rotation restarted onto the new value restart again,
+        // once the Secrets hold the previous value (one stamp: one rollout).
+        // With restart: Await the restarter reacts to the Secret change itself.
+        if waiting_here.is_empty() && v.sr.spec.proof.restart == RestartMode::Trigger {
+            let workloads = &proofs.rollouts;
+            let annotation = restart_annotation(&v.name);
+            for w in &place.proof.workloads {
+                let o = workloads.observe(w, &annotation).await?;
+                match o.stamped.as_deref() {
+                    Some(s) if s == rot.id => {
+                        v.act(
+                            "rollback restart",
+                            workloads.restart(w, &annotation, &token),
+                        )
                         .await?;
-                    waiting.push(format!(
-                        "{:?} {} restarting onto the previous value",
-                        w.kind, w.name
-                    ));
-                }
-                Some(s) if s == token && !decide::rollout_complete(&o.facts) => {
-                    waiting.push(format!(
-                        "{:?} {} rolling back ({}/{} updated, {} ready, {} available)",
-                        w.kind,
-                        w.name,
-                        o.facts.updated,
-                        o.facts.desired,
-                        o.facts.ready,
-                        o.facts.available
-                    ));
+                        waiting_here.push(format!(
+                            "{:?} {} restarting onto the previous value",
+                            w.kind, w.name
+                        ));
+                    }
+                    Some(s) if s == token && !decide::rollout_complete(&o.facts) => {
+                        waiting_here.push(format!(
+                            "{:?} {} rolling back ({}/{} updated, {} ready, {} available)",
+                            w.kind,
+                            w.name,
+                            o.facts.updated,
+                            o.facts.desired,
+                            o.facts.ready,
+                            o.facts.available
+                        ));
+                    }
+                    _ => {}
                 }
                 _ => {}
             }
+        waiting.extend(waiting_here.iter().map(|w| place.say(w)));
         }
     }
     if waiting.is_empty() {

@@ -13,53 +13,62 @@ use crate::reason::Reason;
 pub async fn step(v: &mut View) -> Result<Outcome> {
     let value = v.new_value().await?;
     let id = v.rotation().id.clone();
-    let eso = v.ctx.providers.sync(&v.namespace);
-    // Recorded before the refresh request (a side effect).
-    let sr = v.sr.clone();
-    let mut recorded = false;
-    for es in &sr.spec.proof.external_secrets {
-        if !v
-            .rotation()
-            .sync_baselines
-            .iter()
-            .any(|b| b.name == es.name)
-        {
-            let synced_resource_version = eso.synced_version(es).await?;
-            v.rotation_mut().sync_baselines.push(SyncBaseline {
-                name: es.name.clone(),
-                synced_resource_version,
-            });
-            recorded = true;
-        }
-    }
-    if recorded {
-        v.write_status().await?;
-    }
+    let places = v.plan()?.places.clone();
     let mut waiting = vec![];
-    for es in &sr.spec.proof.external_secrets {
-        let before = v
-            .rotation()
-            .sync_baselines
-            .iter()
-            .find(|b| b.name == es.name)
-            .map(|b| b.synced_resource_version.clone());
-        let why = v
-            .act(
-                "refresh request",
-                eso.refresh_and_check(es, &id, &value, before.as_deref()),
-            )
-            .await?
-            .waiting_for();
-        v.set_proof("ExternalSecret", &es.name, why.clone());
-        waiting.extend(why);
+    let mut reached = None;
+    for place in &places {
+        let eso = v.proofs(place).await?.sync;
+        let cluster = place.cluster_name();
+        // Recorded before the refresh request (a side effect).
+        let mut recorded = false;
+        for es in &place.proof.external_secrets {
+            if !v
+                .rotation()
+                .sync_baselines
+                .iter()
+                .any(|b| b.cluster == cluster && b.name == es.name)
+            {
+                let synced_resource_version = eso.synced_version(es).await?;
+                v.rotation_mut().sync_baselines.push(SyncBaseline {
+                    cluster: cluster.to_string(),
+                    name: es.name.clone(),
+                    synced_resource_version,
+                });
+                recorded = true;
+            }
+        }
+        if recorded {
+            v.write_status().await?;
+        }
+        let mut waiting_here = vec![];
+        for es in &place.proof.external_secrets {
+            let before = v
+                .rotation()
+                .sync_baselines
+                .iter()
+                .find(|b| b.cluster == cluster && b.name == es.name)
+                .map(|b| b.synced_resource_version.clone());
+            let why = v
+                .act(
+                    "refresh request",
+                    eso.refresh_and_check(es, &id, &value, before.as_deref()),
+                )
+                .await?
+                .waiting_for();
+            v.set_proof(place, "ExternalSecret", &es.name, why.clone());
+            waiting_here.extend(why.map(|w| place.say(&w)));
+        }
+        if waiting_here.is_empty() {
+            // When the consumers' Secrets got the value: ESO's own sync
+            // time (rekey looks only every poll); the slowest cluster counts.
+            for es in &place.proof.external_secrets {
+                reached = reached.max(eso.synced_at(es).await?);
+            }
+        }
+        waiting.extend(waiting_here);
     }
     if waiting.is_empty() {
-        // When the consumers' Secrets got the value: ESO's own sync time
-        // (rekey looks only every poll), or rekey's last write.
-        let mut reached = None;
-        for es in &v.sr.spec.proof.external_secrets {
-            reached = reached.max(eso.synced_at(es).await?);
-        }
+        // Or rekey's last write.
         let written = v
             .rotation()
             .targets

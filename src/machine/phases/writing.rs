@@ -45,16 +45,19 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
         return Ok(Outcome::Done);
     }
     // Baselines for Await mode, recorded before the refresh request.
-    let workloads = v.ctx.providers.rollouts(&v.namespace);
     let annotation = restart_annotation(&v.name);
     let mut baselines = vec![];
-    for w in &v.sr.spec.proof.workloads {
-        let o = workloads.observe(w, &annotation).await?;
-        baselines.push(WorkloadBaseline {
-            kind: w.kind,
-            name: w.name.clone(),
-            template: o.template.clone(),
-        });
+    for place in &plan.places {
+        let workloads = v.proofs(place).await?.rollouts;
+        for w in &place.proof.workloads {
+            let o = workloads.observe(w, &annotation).await?;
+            baselines.push(WorkloadBaseline {
+                cluster: place.cluster_name().to_string(),
+                kind: w.kind,
+                name: w.name.clone(),
+                template: o.template.clone(),
+            });
+        }
     }
     v.rotation_mut().workload_baselines = baselines;
     Ok(Outcome::Done)
