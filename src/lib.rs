@@ -2,6 +2,7 @@
 //! value is taken away. See docs/concepts.md.
 #![forbid(unsafe_code)]
 
+pub mod change;
 pub mod crd;
 pub mod decide;
 pub mod deps;

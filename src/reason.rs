@@ -121,6 +121,20 @@ reasons! {
     ProofLost: Never,
     /// The proof succeeded but the old value could not be invalidated.
     InvalidationFailed: PerError,
+    // Change requests (`approval.changeRequests`).
+    /// A change request was rejected, cancelled or closed before the
+    /// rotation acted: nothing was changed, in any environment.
+    ChangeRejected: Never,
+    /// A change was approved only after its change window ended: the
+    /// approval is refused, nothing was changed.
+    ChangeWindowClosed: Never,
+    /// The change system could not be reached.
+    ChangeSystemUnreachable: UntilTimeout,
+    /// The change system answered 5xx or 429.
+    ChangeSystemError: UntilTimeout,
+    /// The change system refused a request (401, 403, 404, another 4xx) or
+    /// answered something unreadable.
+    ChangeSystemRejected: Never,
     // Sources.
     /// The manual Secret still holds the current value.
     ManualValueUnchanged: Never,

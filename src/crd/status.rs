@@ -232,11 +232,49 @@ pub struct RotationStatus {
     /// said so in an Event).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rollback_refused: bool,
+    /// The change requests of this rotation (`approval.changeRequests`),
+    /// one per environment, as last read back from the change system.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<ChangeStatus>,
     /// Set right before the old value is invalidated, after the final
     /// re-check of the proof passed: a retry invalidates again (idempotent)
     /// instead of re-checking a proof that was already acted on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub invalidation_started: bool,
+}
+
+/// One change request, as rekey last read it back. Never a value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeStatus {
+    /// The environment the change covers.
+    pub environment: String,
+    /// The change system's id (ServiceNow: sys_id); empty until created.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// The change's number as people know it, e.g. `CHG0030001`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub number: String,
+    /// The change's state as the change system names it, e.g. `Assess`,
+    /// `Scheduled`, `Implement`, `Closed`, `Canceled`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub state: String,
+    /// Requested, Approved or Rejected (as read back).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub approval: String,
+    /// The change window, when the change has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_end: Option<Time>,
+    /// Set when rekey asked the change system to move the change to its
+    /// implementation state (the rotation acts from then on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
+    /// How rekey closed it at the end of the rotation: `Successful`,
+    /// `Unsuccessful`, `RolledBack` or `Canceled`; empty while open.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub closed: String,
 }
 
 /// Time spent in one phase.
@@ -358,6 +396,9 @@ pub struct RotationSummary {
     /// Whether the previous value was written back (onFailure: Rollback).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rolled_back: bool,
+    /// The change requests, as closed at the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<ChangeStatus>,
     /// Whether the rotation ended after the old value's grace window: the old
     /// value may have died before the proof was complete.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -183,6 +183,7 @@ mod tests {
             consumers: vec![],
             proof: vec![],
             rolled_back: false,
+            changes: vec![],
             grace_exceeded: false,
         }
     }

@@ -37,6 +37,7 @@ pub fn summarize(
         consumers: rotation.consumers.clone(),
         proof: rotation.proof.clone(),
         rolled_back: result == Phase::Failed && rotation.rolled_back,
+        changes: rotation.changes.clone(),
         grace_exceeded: rotation
             .issued_at
             .as_ref()

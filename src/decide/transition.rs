@@ -31,7 +31,7 @@ pub enum Outcome {
 /// The facts of the spec that shape the path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Route {
-    /// `spec.approval.required`.
+    /// `spec.approval.required`, or change requests to open (not for a dry run).
     pub approval_required: bool,
     /// `spec.dryRun`.
     pub dry_run: bool,
@@ -42,7 +42,10 @@ pub struct Route {
 impl Route {
     pub fn of(spec: &SecretRotationSpec) -> Route {
         Route {
-            approval_required: spec.approval.as_ref().is_some_and(|a| a.required),
+            approval_required: spec
+                .approval
+                .as_ref()
+                .is_some_and(|a| a.required || (a.change_requests.is_some() && !spec.dry_run)),
             dry_run: spec.dry_run,
             nothing_to_prove: spec.proof.nothing_to_prove,
         }

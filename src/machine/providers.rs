@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::change::ChangeSystem;
+use crate::crd::ChangeRequests;
 use crate::deps::Deps;
 use crate::error::Result;
 use crate::plan::{SourcePlan, TargetPlan};
@@ -40,6 +42,8 @@ pub trait Providers: Send + Sync {
     fn rollouts(&self, namespace: &str) -> Arc<dyn RolloutProof>;
     /// The consumers of a namespace.
     fn consumers(&self, namespace: &str) -> Arc<dyn ConsumerProof>;
+    /// The change system of `approval.changeRequests`.
+    fn changes(&self, config: &ChangeRequests, namespace: &str) -> Box<dyn ChangeSystem>;
 }
 
 /// The providers of a running operator.
@@ -78,5 +82,9 @@ impl Providers for RealProviders {
 
     fn consumers(&self, namespace: &str) -> Arc<dyn ConsumerProof> {
         Arc::new(Consumers::new(self.deps.client.clone(), namespace))
+    }
+
+    fn changes(&self, config: &ChangeRequests, namespace: &str) -> Box<dyn ChangeSystem> {
+        crate::change::build(config, &self.deps, namespace)
     }
 }

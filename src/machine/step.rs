@@ -129,14 +129,18 @@ async fn run(v: &mut View, phase: Phase) -> Result<Action> {
 async fn step(v: &mut View, phase: Phase) -> Result<Outcome> {
     match phase {
         Phase::Pending => Ok(Outcome::Done),
-        Phase::AwaitingApproval => Ok(phases::approval::step(v)),
+        Phase::AwaitingApproval => phases::approval::step(v).await,
         Phase::Preflight => phases::preflight::step(v).await,
         Phase::Issuing => phases::issuing::step(v).await,
         Phase::Writing => phases::writing::step(v).await,
         Phase::AwaitingSync => phases::sync::step(v).await,
         Phase::AwaitingRollout => phases::rollout::step(v).await,
         Phase::Verifying => phases::verify::step(v).await,
-        Phase::Invalidating | Phase::AwaitingConfirmation => phases::invalidate::step(v).await,
+        Phase::Invalidating => match phases::change::hold_invalidation(v).await? {
+            Some(held) => Ok(held),
+            None => phases::invalidate::step(v).await,
+        },
+        Phase::AwaitingConfirmation => phases::invalidate::step(v).await,
         Phase::RollingBack => phases::rollback::step(v).await,
         Phase::Succeeded | Phase::Failed | Phase::DryRunSucceeded => Ok(Outcome::Done),
     }

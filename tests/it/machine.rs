@@ -338,6 +338,14 @@ impl Providers for FakeProviders {
     fn consumers(&self, _: &str) -> Arc<dyn ConsumerProof> {
         Arc::new(NoOtherConsumers)
     }
+    fn changes(
+        &self,
+        _: &rekey::crd::ChangeRequests,
+        _: &str,
+    ) -> Box<dyn rekey::change::ChangeSystem> {
+        // These specs open no change requests.
+        Box::new(rekey::change::Unconfigured)
+    }
 }
 
 /// The fake workload is the only consumer, and its pods all run the new value.

@@ -9,6 +9,7 @@
 mod alerts;
 mod approval;
 mod budget;
+mod change;
 mod consumers;
 mod crd;
 mod environment;

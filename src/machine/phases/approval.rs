@@ -1,12 +1,33 @@
-//! AwaitingApproval: waits for `rekey.dev/approve: <rotation id>`, and
-//! records who approved (`rekey.dev/approved-by`, which the chart's admission
-//! policy lets name only the approving user, never the requester).
+//! AwaitingApproval: first the change requests (`approval.changeRequests`,
+//! see `change::gate`), then, when `approval.required`, waits for
+//! `rekey.dev/approve: <rotation id>`, and records who approved
+//! (`rekey.dev/approved-by`, which the chart's admission policy lets name
+//! only the approving user, never the requester).
 
 use super::super::view::View;
 use crate::crd::keys::{APPROVE_ANNOTATION, APPROVED_BY_ANNOTATION};
 use crate::decide::Outcome;
+use crate::error::Result;
 
-pub fn step(v: &mut View) -> Outcome {
+pub async fn step(v: &mut View) -> Result<Outcome> {
+    if let Some(waiting) = super::change::gate(v).await? {
+        return Ok(waiting);
+    }
+    if !v.sr.spec.approval.as_ref().is_some_and(|a| a.required) {
+        // Approved by the change requests alone.
+        let changes: Vec<String> = v
+            .rotation()
+            .changes
+            .iter()
+            .map(|c| format!("{} ({})", c.number, c.environment))
+            .collect();
+        v.rotation_mut().approved_by = Some(format!("change requests {}", changes.join(", ")));
+        return Ok(Outcome::Done);
+    }
+    Ok(annotation(v))
+}
+
+fn annotation(v: &mut View) -> Outcome {
     let id = v.rotation().id.clone();
     if v.annotations().get(APPROVE_ANNOTATION) == Some(&id) {
         let by = v

@@ -19,6 +19,7 @@ const HISTORY_LIMIT: usize = 10;
 
 pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
     announce::close_phase(v);
+    super::change::close(v, result).await;
     let rot = v.rotation().clone();
     let grace_window = v.plan().map(|p| p.grace_window);
     let summary = match grace_window {

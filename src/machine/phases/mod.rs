@@ -4,6 +4,7 @@
 //! `finish` are the steps around a rotation.
 
 pub mod approval;
+pub mod change;
 pub mod consumers;
 pub mod fail;
 pub mod finish;

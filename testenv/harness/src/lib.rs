@@ -14,6 +14,7 @@ pub mod keycloak;
 pub mod operator;
 pub mod proxy;
 pub mod recorder;
+pub mod servicenow;
 
 use std::future::Future;
 use std::path::PathBuf;
