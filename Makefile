@@ -12,6 +12,9 @@ help: ## list targets
 demo: testenv build ## start the local cluster, run the operator and a full rotation
 	./scripts/demo.sh
 
+demo-multicluster: testenv build ## two clusters sharing one value: rekey proves the rotation in both
+	./scripts/demo-multicluster.sh
+
 test: testenv lint unit integration ## rustfmt, clippy, unit and integration tests (builds the environment first)
 
 testenv: ## build etcd, kube-*, kwok, ESO into ~/.cache/rekey (seconds when cached)
@@ -43,11 +46,12 @@ crds: ## regenerate crds/ and the chart's CRD template from the Rust types
 cluster: testenv ## start the environment in the background; writes .cluster/kubeconfig and .cluster/env
 	./scripts/cluster.sh up
 
-cluster-down: ## stop the background environment, leave no process
+cluster-down: ## stop the background environment(s), leave no process
 	./scripts/cluster.sh down
 
 chart-install: cluster ## install the Helm chart into the local cluster (acting in namespace rekey-demo)
 	@# A CRD applied with kubectl (`make demo`) is handed to the release first (README: Upgrading the CRD).
+	REKEY_CLUSTER_DIR=.cluster-stage ./scripts/cluster.sh down >/dev/null
 	. .cluster/env && if kubectl get crd secretrotations.rekey.dev >/dev/null 2>&1; then \
 	  kubectl label --overwrite crd secretrotations.rekey.dev app.kubernetes.io/managed-by=Helm && \
 	  kubectl annotate --overwrite crd secretrotations.rekey.dev meta.helm.sh/release-name=rekey meta.helm.sh/release-namespace=rekey-system; fi

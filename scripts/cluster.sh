@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # make cluster / make cluster-down: the test environment for a person.
+# REKEY_CLUSTER_DIR names another directory for a second cluster
+# (make demo-multicluster starts .cluster-stage beside .cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dir=.cluster
+dir=${REKEY_CLUSTER_DIR:-.cluster}
+export REKEY_CLUSTER_DIR=$dir
 case "${1:-}" in
   up)
     if [[ -f $dir/pid ]] && kill -0 "$(cat $dir/pid)" 2>/dev/null; then

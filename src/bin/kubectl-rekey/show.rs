@@ -182,12 +182,18 @@ fn print_proof(proof: &[rekey::crd::ProofItem]) {
     let mut clusters: Vec<&str> = proof.iter().map(|p| p.cluster.as_str()).collect();
     clusters.sort();
     clusters.dedup();
+    let remote = clusters.len() > 1;
     for cluster in clusters {
-        let indent = if cluster.is_empty() {
-            "  "
-        } else {
-            println!("  cluster {cluster}:");
-            "    "
+        let indent = match (cluster.is_empty(), remote) {
+            (true, false) => "  ",
+            (true, true) => {
+                println!("  this cluster:");
+                "    "
+            }
+            (false, _) => {
+                println!("  cluster {cluster}:");
+                "    "
+            }
         };
         for p in proof.iter().filter(|p| p.cluster == cluster) {
             match p.proven {
