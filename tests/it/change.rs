@@ -482,6 +482,64 @@ async fn a_standard_change_from_a_template_proceeds_on_its_read_back_approval() 
     );
 }
 
+/// The operator dies right after ServiceNow created the change, before it
+/// recorded the answer: the restarted operator finds the change by its
+/// correlation id and opens no second one.
+#[tokio::test]
+async fn an_operator_crash_right_after_opening_a_change_opens_no_second_one() {
+    let (c, client, ns) = common::setup("change-crash").await;
+    install_crd(c);
+    let password = common::canary("snow-password");
+    put_secret(
+        &client,
+        &ns,
+        "snow",
+        json!({"username": "rekey", "password": password}),
+    )
+    .await;
+    let emu = ServiceNowEmulator::start().await;
+    emu.add_user("rekey", &password);
+    let mut op = Operator::start_with_env(
+        REKEY,
+        c,
+        &ns,
+        &[("REKEY_FAILPOINT", "after:open-change-request")],
+    );
+    let mut spec = unproven_generated_spec("app-creds");
+    spec["targets"][0]["environment"] = json!("prod");
+    spec["approval"] = json!({"changeRequests": {"environments": ["prod"], "serviceNow": {
+        "instanceUrl": emu.url, "credentialsSecretRef": {"name": "snow"}}}});
+    create_rotation(&client, &ns, NAME, spec).await;
+    let started = std::time::Instant::now();
+    while !op.exited() {
+        assert!(
+            started.elapsed() < LONG,
+            "the operator never reached the failpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(emu.changes().len(), 1);
+    // Recorded before it was created; its id never was.
+    let recorded = status_changes(&get_rotation(&client, &ns, NAME).await);
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].environment, "prod");
+    assert!(recorded[0].id.is_empty());
+
+    op.set_env(&[]);
+    op.restart();
+    common::wait_for("the change in Assess", LONG, || async {
+        emu.change_for("prod")
+            .is_some_and(|c| c.state() == snow::ASSESS)
+    })
+    .await;
+    emu.approve(emu.change_for("prod").unwrap().number());
+    let sr = wait_phase(&client, &ns, NAME, Phase::Succeeded, LONG).await;
+    assert_eq!(emu.changes().len(), 1, "a second change was opened");
+    assert_eq!(emu.changes()[0].state(), snow::CLOSED);
+    let closed = status_changes(&sr);
+    assert_eq!(closed[0].number, emu.changes()[0].number());
+}
+
 /// The generic webhook contract (docs/sources.md), served by a small test
 /// server: open (idempotent by correlation id), read, start, close.
 #[derive(Default)]
