@@ -121,7 +121,29 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
     case(
         "no-proof",
         &|v| v["proof"] = json!({}),
-        "proof must name at least one ExternalSecret or workload",
+        "proof must name at least one ExternalSecret, workload or cluster",
+    );
+    let stage = |es: Value| json!({"name": "stage", "kubeConfig": {"secretRef": {"name": "kc"}}, "externalSecrets": es});
+    case(
+        "cluster-without-proof",
+        &|v| v["proof"]["clusters"] = json!([stage(json!([]))]),
+        "each of proof.clusters must name at least one ExternalSecret or workload",
+    );
+    case(
+        "clusters-twice",
+        &|v| {
+            let c = stage(json!([{"name": "es", "key": "k"}]));
+            v["proof"]["clusters"] = json!([c.clone(), c]);
+        },
+        "proof.clusters names must be unique",
+    );
+    case(
+        "nothing-but-clusters",
+        &|v| {
+            v["proof"] = json!({"nothingToProve": true,
+                "clusters": [stage(json!([{"name": "es", "key": "k"}]))]});
+        },
+        "cannot be combined with externalSecrets, workloads or clusters",
     );
     case(
         "proof-and-nothing",
@@ -264,6 +286,60 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
         assert!(
             err.contains(want),
             "{name}: message {err:?} does not say {want:?}"
+        );
+    }
+}
+
+/// Every SecretRotation the examples ship (the runbook's two, the demos',
+/// the sources') is accepted by the API server as it is: schema and CEL
+/// rules, on the committed CRD. A server-side dry run in a namespace of the
+/// test's own.
+#[tokio::test]
+async fn every_example_secret_rotation_is_accepted_by_the_api_server() {
+    let (c, _client, ns) = common::setup("examples").await;
+    install_crd(c);
+    let root = common::cluster::repo_root().join("examples");
+    let mut files = vec![];
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut applied = vec![];
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in text.split("\n---") {
+            if !doc.contains("kind: SecretRotation") {
+                continue;
+            }
+            // Each example names its own namespace or none: the test's.
+            let doc: Vec<&str> = doc
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("namespace: ") || l.starts_with("    "))
+                .collect();
+            let out = c.kubectl_stdin(
+                &["-n", &ns, "apply", "--dry-run=server", "-f", "-"],
+                &doc.join("\n"),
+            );
+            assert!(out.is_ok(), "{} is refused: {out:?}", path.display());
+            applied.push(path.display().to_string());
+        }
+    }
+    for expected in [
+        "runbook/dev-stage.yaml",
+        "runbook/prod.yaml",
+        "secretrotation-multicluster.yaml",
+    ] {
+        assert!(
+            applied.iter().any(|a| a.ends_with(expected)),
+            "{expected} was not applied: {applied:?}"
         );
     }
 }
