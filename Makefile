@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help demo test testenv lint unit integration bench bench-full crds cluster cluster-down chart-install build clean-testenv
+.PHONY: help demo demo-multicluster reliability test testenv lint unit integration bench bench-full crds cluster cluster-down chart-install build clean-testenv crash-matrix-full
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,11 +33,17 @@ unit:
 integration: testenv
 	$(CARGO) test --locked --test it -- --test-threads=8
 
+crash-matrix-full: testenv ## crash the operator at every side effect of every source × store × ending (slow; the default run covers pairs)
+	REKEY_CRASH_MATRIX=full $(CARGO) test --locked --test it crash:: -- --nocapture
+
 bench: testenv ## measure rekey's cost (release build): prints a table, writes bench/results/*.json
 	$(CARGO) bench --locked --bench rekey
 
 bench-full: testenv ## make bench, plus the scale curve 50…1,000 rotations, three runs each (slow)
 	REKEY_BENCH_FULL=1 $(CARGO) bench --locked --bench rekey
+
+reliability: ## render the figures the tests wrote (target/reliability/*.json) into docs/reliability.md
+	python3 scripts/reliability.py
 
 crds: ## regenerate crds/ and the chart's CRD template from the Rust types
 	$(CARGO) run --quiet --locked --bin rekey -- crd > crds/secretrotation.yaml
@@ -48,10 +54,10 @@ cluster: testenv ## start the environment in the background; writes .cluster/kub
 
 cluster-down: ## stop the background environment(s), leave no process
 	./scripts/cluster.sh down
+	REKEY_CLUSTER_DIR=.cluster-stage ./scripts/cluster.sh down >/dev/null
 
 chart-install: cluster ## install the Helm chart into the local cluster (acting in namespace rekey-demo)
 	@# A CRD applied with kubectl (`make demo`) is handed to the release first (README: Upgrading the CRD).
-	REKEY_CLUSTER_DIR=.cluster-stage ./scripts/cluster.sh down >/dev/null
 	. .cluster/env && if kubectl get crd secretrotations.rekey.dev >/dev/null 2>&1; then \
 	  kubectl label --overwrite crd secretrotations.rekey.dev app.kubernetes.io/managed-by=Helm && \
 	  kubectl annotate --overwrite crd secretrotations.rekey.dev meta.helm.sh/release-name=rekey meta.helm.sh/release-namespace=rekey-system; fi

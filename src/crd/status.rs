@@ -301,6 +301,9 @@ pub struct TargetStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProofItem {
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
     /// ExternalSecret, a workload kind, or a consumer's kind.
     pub kind: String,
     pub name: String,
@@ -317,6 +320,9 @@ pub struct ProofItem {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncBaseline {
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
     pub name: String,
     /// ESO's `status.syncedResourceVersion` (empty: never synced).
     pub synced_resource_version: String,
@@ -327,6 +333,9 @@ pub struct SyncBaseline {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadBaseline {
+    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
     pub kind: WorkloadKind,
     pub name: String,
     /// FNV-1a fingerprint of the pod template.
@@ -337,11 +346,11 @@ pub struct WorkloadBaseline {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerStatus {
-    pub kind: String,
-    pub name: String,
     /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster: String,
+    pub kind: String,
+    pub name: String,
     /// Restarted, Await, ReloadsItself or Accept.
     pub handling: String,
 }
@@ -358,9 +367,6 @@ pub struct Failure {
 }
 
 /// A finished rotation.
-    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub cluster: String,
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RotationSummary {
@@ -371,9 +377,6 @@ pub struct RotationSummary {
     pub reason: String,
     /// Who requested it (none for a scheduled rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub cluster: String,
     pub requested_by: Option<String>,
     /// Who approved it (`spec.approval.required`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,15 +387,16 @@ pub struct RotationSummary {
     pub finished_at: Option<Time>,
     pub duration_seconds: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    /// The remote cluster of `proof.clusters` it is in; empty: this cluster.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub cluster: String,
     pub phases: Vec<PhaseTiming>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
     /// The consumers found at Preflight and how each was covered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ConsumerStatus>,
+    /// Where the proof stood at the end, per cluster, ExternalSecret,
+    /// workload and draining consumer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proof: Vec<ProofItem>,
     /// Whether the previous value was written back (onFailure: Rollback).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rolled_back: bool,
@@ -429,7 +433,3 @@ mod tests {
         }
     }
 }
-    /// Where the proof stood at the end, per cluster, ExternalSecret,
-    /// workload and draining consumer.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub proof: Vec<ProofItem>,

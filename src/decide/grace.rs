@@ -137,6 +137,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             consumers: vec![],
+            proof: vec![],
             changes: vec![],
             duration_seconds: sync + rollout,
             phases: vec![

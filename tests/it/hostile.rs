@@ -1257,6 +1257,17 @@ async fn hostile_and_broken_input_is_refused_cleanly_and_changes_nothing() {
         );
         println!("outbound calls after: {:?}", after.outbound);
     }
+    let passed = table.iter().filter(|(_, _, ok)| *ok).count();
+    common::reliability::record(
+        "hostile",
+        serde_json::json!({
+            "bad_inputs_tried": table.len(),
+            "refused_by_admission": table.len() - cases.len(),
+            "refused_at_runtime": cases.len(),
+            "ended_as_expected": passed,
+            "changed_something": before != after,
+        }),
+    );
     let logs = format!("{}\n{}", op.logs(), hosts_op.logs());
     let metrics = op.scrape().await;
     let canary_refs: Vec<&str> = canaries.iter().map(String::as_str).collect();

@@ -338,6 +338,14 @@ impl Providers for FakeProviders {
     fn consumers(&self, _: &str) -> Arc<dyn ConsumerProof> {
         Arc::new(NoOtherConsumers)
     }
+    async fn remote(
+        &self,
+        _: &str,
+        cluster: &rekey::crd::RemoteCluster,
+    ) -> Result<rekey::machine::providers::Proofs> {
+        // These specs name no remote cluster.
+        unreachable!("no remote cluster in these specs: {}", cluster.name)
+    }
     fn changes(
         &self,
         _: &rekey::crd::ChangeRequests,

@@ -77,6 +77,7 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
         for t in &rot.targets {
             println!("  target {} version {}", t.name, t.version);
         }
+        print_changes(&rot.changes);
         print_proof(&rot.proof);
         for c in &rot.consumers {
             println!("  consumer {} {}: {}", c.kind, c.name, c.handling);
@@ -91,6 +92,7 @@ pub fn timeline(sr: &SecretRotation, now: Timestamp) {
             by(", requested by ", last.requested_by.as_deref()),
             by(", approved by ", last.approved_by.as_deref())
         );
+        print_changes(&last.changes);
         print_proof(&last.proof);
         for (i, p) in last.phases.iter().enumerate() {
             // The phase a rotation failed in is its last: shown once, as failed.
@@ -171,6 +173,33 @@ pub fn history_rows(h: &[RotationSummary], now: Timestamp) -> Vec<Vec<String>> {
         ]);
     }
     rows
+}
+
+/// The change requests (`approval.changeRequests`): number, environment,
+/// state and approval as last read back, the window, how each was closed.
+fn print_changes(changes: &[rekey::crd::ChangeStatus]) {
+    for c in changes {
+        let number = if c.number.is_empty() {
+            "(opening)"
+        } else {
+            &c.number
+        };
+        let window = match (&c.window_start, &c.window_end) {
+            (Some(s), Some(e)) => format!(", window {} to {}", s.0, e.0),
+            (None, Some(e)) => format!(", window until {}", e.0),
+            (Some(s), None) => format!(", window from {}", s.0),
+            (None, None) => String::new(),
+        };
+        let closed = if c.closed.is_empty() {
+            String::new()
+        } else {
+            format!(", closed {}", c.closed)
+        };
+        println!(
+            "  change {number} ({}): {}, approval {}{window}{closed}",
+            c.environment, c.state, c.approval
+        );
+    }
 }
 
 /// The proof per item, grouped by cluster (this one first).

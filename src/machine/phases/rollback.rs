@@ -113,10 +113,9 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
                     }
                     _ => {}
                 }
-                _ => {}
             }
-        waiting.extend(waiting_here.iter().map(|w| place.say(w)));
         }
+        waiting.extend(waiting_here.iter().map(|w| place.say(w)));
     }
     if waiting.is_empty() {
         v.rotation_mut().rolled_back = true;

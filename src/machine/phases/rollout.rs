@@ -58,7 +58,6 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
             }
             v.set_proof(place, &kind, &w.name, why);
         }
-        v.set_proof(&kind, &w.name, why);
     }
     let mut reason = Reason::RolloutTimeout;
     if waiting.is_empty() {
@@ -82,10 +81,6 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
                 waiting.push(place.say(&text));
                 reason = Reason::DrainTimeout;
             }
-        }
-        if let Some(text) = decide::consumers::describe_draining(&left) {
-            waiting.push(text);
-            reason = Reason::DrainTimeout;
         }
     }
     if waiting.is_empty() {

@@ -11,9 +11,11 @@ pub mod cluster;
 pub mod fixtures;
 pub mod ibm;
 pub mod keycloak;
+pub mod leaks;
 pub mod operator;
 pub mod proxy;
 pub mod recorder;
+pub mod reliability;
 pub mod servicenow;
 
 use std::future::Future;
@@ -206,7 +208,8 @@ where
     }
 }
 
-/// A random value that must never show up in logs, Events or status.
+/// A random value that must never show up in logs, Events, status or
+/// metrics; registered for the suite-wide capture of [`leaks`].
 pub fn canary(tag: &str) -> String {
     use rand::RngExt;
     let s: String = rand::rng()
@@ -214,5 +217,9 @@ pub fn canary(tag: &str) -> String {
         .take(32)
         .map(char::from)
         .collect();
-    format!("canary-{tag}-{s}")
+    let value = format!("canary-{tag}-{s}");
+    // Suite-wide capture: every operator the harness starts is scanned for it
+    // (see `leaks`).
+    leaks::register(tag, &value);
+    value
 }
