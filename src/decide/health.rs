@@ -41,6 +41,20 @@ fn cond(status: &'static str, reason: &str, message: String) -> Condition {
     }
 }
 
+/// The change requests not yet acted on (`approval.changeRequests`), as
+/// `number (environment) state`; None when there are none.
+fn waiting_changes(status: &SecretRotationStatus) -> Option<String> {
+    let changes: Vec<String> = status
+        .rotation
+        .as_ref()?
+        .changes
+        .iter()
+        .filter(|c| !c.started)
+        .map(|c| format!("{} ({}) {}", c.number, c.environment, c.state))
+        .collect();
+    (!changes.is_empty()).then(|| changes.join(", "))
+}
+
 /// The kstatus conditions for `status`.
 pub fn health(status: &SecretRotationStatus) -> Health {
     let scheduled = Request::Schedule.as_str();
@@ -100,9 +114,14 @@ pub fn health(status: &SecretRotationStatus) -> Health {
         // A requested rotation in progress.
         (Some((id, phase, false)), _) => {
             let message = match phase {
-                Phase::AwaitingApproval => {
-                    format!("Rotation {id} waits for approval (annotation {APPROVE_ANNOTATION})")
-                }
+                Phase::AwaitingApproval => match waiting_changes(status) {
+                    Some(changes) => format!(
+                        "Rotation {id} waits for its change requests to be approved and inside their window: {changes}"
+                    ),
+                    None => format!(
+                        "Rotation {id} waits for approval (annotation {APPROVE_ANNOTATION})"
+                    ),
+                },
                 Phase::AwaitingConfirmation => format!(
                     "Rotation {id} waits for confirmation that the old value was invalidated (annotation {CONFIRM_ANNOTATION})"
                 ),

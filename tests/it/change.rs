@@ -217,6 +217,25 @@ async fn approved_changes_let_the_rotation_act_and_are_closed_with_the_timeline(
     let sr = get_rotation(&client, &ns, NAME).await;
     assert_eq!(phase_of(&sr), Some(Phase::AwaitingApproval));
     stores.unchanged(&client, &ns, revisions_before).await;
+    // What a person sees: the Reconciling condition and kubectl rekey status.
+    let reconciling = sr
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Reconciling"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        reconciling.contains(&format!("{stage} (stage) Scheduled")),
+        "{reconciling}"
+    );
+    let (ok, shown) = crate::plugin(c, &ns, &["status", NAME]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "change {stage} (stage): Scheduled, approval Approved, window"
+        )),
+        "{shown}"
+    );
 
     // The window opens: the rotation acts.
     emu.set_window(&stage, now - 1.minute(), now + 1.hour());
@@ -274,6 +293,13 @@ async fn approved_changes_let_the_rotation_act_and_are_closed_with_the_timeline(
             .iter()
             .all(|c| c.closed == "Successful" && c.state == "Closed")
     );
+    let (ok, shown) = crate::plugin(c, &ns, &["status", NAME]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains(&format!("change {prod} (prod): Closed, approval Approved")),
+        "{shown}"
+    );
+    assert!(shown.contains("closed Successful"), "{shown}");
     no_value_in_changes(
         &emu,
         &[&stores.stage, &stores.dev, &stores.prod, &new, &password],
