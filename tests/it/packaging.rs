@@ -144,6 +144,37 @@ fn chart_defaults_are_safe() {
     let elected = docs(&["--set", "leaderElection.enabled=true"]);
     let deployment = elected.iter().find(|d| kind(d) == "Deployment").unwrap();
     assert!(deployment["spec"]["strategy"]["type"].as_str() != Some("Recreate"));
+    // The lease's timings reach the binary (defaults, then set).
+    let args = |d: &serde_yaml::Value| {
+        serde_yaml::to_string(&d["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap()
+    };
+    let elected_args = args(deployment);
+    for flag in [
+        "--leader-lease-duration=15s",
+        "--leader-renew-deadline=10s",
+        "--leader-retry-period=2s",
+    ] {
+        assert!(elected_args.contains(flag), "{elected_args}");
+    }
+    assert!(
+        !elected_args.contains("--leader-call-timeout"),
+        "derived by default"
+    );
+    let tuned = docs(&[
+        "--set",
+        "leaderElection.enabled=true,leaderElection.leaseDuration=6s,leaderElection.renewDeadline=4s,leaderElection.retryPeriod=1s,leaderElection.callTimeout=3s",
+    ]);
+    let tuned_args = args(tuned.iter().find(|d| kind(d) == "Deployment").unwrap());
+    for flag in [
+        "--leader-lease-duration=6s",
+        "--leader-renew-deadline=4s",
+        "--leader-retry-period=1s",
+        "--leader-call-timeout=3s",
+    ] {
+        assert!(tuned_args.contains(flag), "{tuned_args}");
+    }
+    let single_args = args(default.iter().find(|d| kind(d) == "Deployment").unwrap());
+    assert!(!single_args.contains("--leader-"), "{single_args}");
     let restricted = docs(&["--set", "allowedHosts={idp.example.com,*.corp.example}"]);
     let deployment =
         serde_yaml::to_string(restricted.iter().find(|d| kind(d) == "Deployment").unwrap())
