@@ -537,8 +537,8 @@ async fn twenty_forced_handovers_mid_rotation_issue_write_roll_out_and_invalidat
         "rotations_succeeded": rotations,
         "issue_calls": issue_calls,
         "invalidate_calls": invalidate_calls,
-        "handover_seconds": {"median": median, "max": max, "all": handovers.iter().map(|h| h.seconds).collect::<Vec<_>>()},
-        "wall_seconds": wall.as_secs_f64(),
+        "handover_seconds": {"median": round2(median), "max": round2(max), "all": handovers.iter().map(|h| round2(h.seconds)).collect::<Vec<_>>()},
+        "wall_seconds": round2(wall.as_secs_f64()),
     });
     let dir = common::repo_root().join("target/reliability");
     std::fs::create_dir_all(&dir).unwrap();
@@ -560,6 +560,10 @@ async fn twenty_forced_handovers_mid_rotation_issue_write_roll_out_and_invalidat
         &canaries,
     )
     .await;
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) {
