@@ -19,14 +19,15 @@
 //! credential chain: rekey never acts with the operator pod's own identity.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider, future};
 use aws_sdk_secretsmanager::Client;
+use aws_sdk_secretsmanager::config::timeout::TimeoutConfig;
 use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 
 use super::Store;
 use crate::crd::AwsSecretsManagerTarget;
@@ -37,6 +38,19 @@ use crate::reason::Reason;
 use crate::value::SecretValue;
 
 const PROVIDER: &str = "aws-secrets-manager";
+
+/// Bounds on every AWS call (the SDK sets none on reading an answer): a
+/// store that accepts a connection and never answers fails the call, and
+/// the rotation retries it with backoff, saying so, instead of hanging.
+/// Each attempt 10 s, the whole call with the SDK's retries 30 s, as the
+/// IBM and webhook HTTP client's 30 s.
+fn timeouts() -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(10))
+        .operation_timeout(Duration::from_secs(30))
+        .build()
+}
 const CURRENT: &str = "AWSCURRENT";
 const PREVIOUS: &str = "AWSPREVIOUS";
 
@@ -55,14 +69,28 @@ pub fn version_id(rotation_id: &str) -> String {
 /// The audience of the ServiceAccount tokens rekey hands to STS.
 pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
 
-fn map_err<E>(call: &str, secret: &str, e: &E) -> Error
+fn map_err<E, R>(call: &str, secret: &str, e: &SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
 {
     // Credentials that could not be obtained (a refused TokenRequest or
     // AssumeRoleWithWebIdentity) say so with their own reason.
     if let Some(identity) = identity_error(e) {
         return identity;
+    }
+    // No answer: said as such (retried until proof.timeout).
+    let unanswered = match e {
+        SdkError::TimeoutError(_) => Some("timed out"),
+        SdkError::DispatchFailure(d) if d.is_timeout() => Some("timed out"),
+        SdkError::DispatchFailure(d) if d.is_io() => Some("connection failed"),
+        _ => None,
+    };
+    if let Some(what) = unanswered {
+        return Error::transient(
+            Reason::AwsSecretsManagerError,
+            format!("AWS Secrets Manager {call} on {secret}: {what}"),
+        );
     }
     // Only the error code is kept: AWS messages are not ours to vouch for.
     let code = e.code().unwrap_or("Unknown");
@@ -142,7 +170,8 @@ impl AwsSecretsManagerStore {
     ) -> Self {
         let mut config = config
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(t.region.clone()));
+            .region(Region::new(t.region.clone()))
+            .timeout_config(timeouts());
         if let Some(endpoint) = &t.endpoint {
             config = config.endpoint_url(endpoint);
         }
@@ -229,9 +258,13 @@ impl Store for AwsSecretsManagerStore {
         };
         Ok(match &self.key {
             None => Some(SecretValue::new(s)),
-            Some(k) => serde_json::from_str::<serde_json::Value>(&s)
-                .ok()
-                .and_then(|v| v.get(k).and_then(|x| x.as_str()).map(SecretValue::new)),
+            Some(k) => {
+                // The answer and its parsed keys are wiped once the value
+                // is taken.
+                let s = zeroize::Zeroizing::new(s);
+                let v = crate::value::WipedJson(serde_json::from_str(&s).unwrap_or_default());
+                v.0.get(k).and_then(|x| x.as_str()).map(SecretValue::new)
+            }
         })
     }
 
@@ -252,7 +285,10 @@ impl Store for AwsSecretsManagerStore {
                         })
                         .unwrap_or_default();
                     obj.insert(k.clone(), value.expose().into());
-                    serde_json::to_string(&obj).expect("a JSON map serializes")
+                    let string = serde_json::to_string(&obj).expect("a JSON map serializes");
+                    // Ours is wiped; the string goes to the SDK (docs/secrets.md).
+                    obj.values_mut().for_each(crate::value::wipe_json);
+                    string
                 }
             };
             let started = Instant::now();
@@ -346,6 +382,7 @@ impl WebIdentity {
         let mut config = aws_sdk_sts::Config::builder()
             .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
             .region(aws_sdk_sts::config::Region::new(t.region.clone()))
+            .timeout_config(timeouts())
             .time_source(identities.time.clone());
         if let Some(endpoint) = &t.sts_endpoint {
             config = config.endpoint_url(endpoint);

@@ -25,8 +25,8 @@ use rekey::value::SecretValue;
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(120);
-const AWS_KEY: &str = "AKIAREKEYTEST0000001";
-const AWS_SECRET: &str = "rekey-test-secret-access-key";
+pub(crate) const AWS_KEY: &str = "AKIAREKEYTEST0000001";
+pub(crate) const AWS_SECRET: &str = "rekey-test-secret-access-key";
 
 fn ibm_target(emu: &IbmEmulator, secret_id: &str) -> IbmSecretsManagerTarget {
     serde_json::from_value(json!({
@@ -170,7 +170,7 @@ async fn ibm_store_handles_kv_and_lookup_by_name() {
     assert_eq!(data["client_id"], "ai-component", "other keys are kept");
 }
 
-fn aws_client(c: &Cluster) -> Aws {
+pub(crate) fn aws_client(c: &Cluster) -> Aws {
     rekey::install_crypto_provider();
     let config = aws_sdk_secretsmanager::Config::builder()
         .behavior_version(BehaviorVersion::latest())
@@ -206,7 +206,7 @@ fn aws_store(target: &AwsSecretsManagerTarget) -> AwsSecretsManagerStore {
     )
 }
 
-async fn aws_stages(aws: &Aws, id: &str) -> Vec<(String, Vec<String>)> {
+pub(crate) async fn aws_stages(aws: &Aws, id: &str) -> Vec<(String, Vec<String>)> {
     let d = aws.describe_secret().secret_id(id).send().await.unwrap();
     let mut v: Vec<(String, Vec<String>)> = d
         .version_ids_to_stages
@@ -328,7 +328,7 @@ async fn aws_store_follows_the_staging_label_model_on_moto() {
 }
 
 /// SecretStore `aws` (ESO's AWS provider, which the harness points at moto).
-async fn aws_secret_store(client: &Client, ns: &str) {
+pub(crate) async fn aws_secret_store(client: &Client, ns: &str) {
     put_secret(
         client,
         ns,
@@ -348,7 +348,7 @@ async fn aws_secret_store(client: &Client, ns: &str) {
 /// SecretStore `ibm` (ESO's IBM provider). ESO v0.16.2 ignores an IAM URL for
 /// API-key auth, so ESO authenticates with containerAuth (a trusted-profile
 /// compute-resource token read from a file), whose `iamEndpoint` it honours.
-async fn ibm_secret_store(c: &Cluster, client: &Client, ns: &str, emu: &IbmEmulator) {
+pub(crate) async fn ibm_secret_store(c: &Cluster, client: &Client, ns: &str, emu: &IbmEmulator) {
     let token = common::canary("cr-token");
     emu.add_cr_token(&token);
     let path = c.dir.join(format!("ibm-cr-token-{ns}"));
@@ -585,6 +585,74 @@ async fn a_store_failing_for_a_while_is_retried_with_backoff_and_written_once() 
         &op.logs(),
         &op.scrape().await,
         &[&dev_old, &prod_old, &new],
+    )
+    .await;
+}
+
+/// A store that does not answer at all for a while (a partition: moto
+/// behind a paused proxy, connections accepted and held): each call gives up
+/// after a bounded time, the condition says the store timed out, and once
+/// it answers again the rotation writes exactly one version per store.
+#[tokio::test]
+async fn a_store_that_does_not_answer_for_a_while_times_out_and_is_written_once() {
+    let (c, client, ns) = common::setup("silent").await;
+    let (dev_old, prod_old) = (common::canary("dev-old"), common::canary("prod-old"));
+    let s = multi_scene(c, &client, &ns, &dev_old, &prod_old).await;
+    let moto: std::net::SocketAddr = c
+        .moto_url
+        .as_deref()
+        .unwrap()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = common::proxy::PausableProxy::start(moto).await;
+    let mut spec = multi_spec(c, &s, json!({"generated": {}}));
+    spec["targets"][0]["awsSecretsManager"]["endpoint"] = json!(format!("http://{}", proxy.addr));
+    proxy.pause();
+    let op = Operator::start(REKEY, c, &ns);
+    let started = std::time::Instant::now();
+    create_rotation(&client, &ns, "ai-component", spec).await;
+    let said = std::sync::Mutex::new(String::new());
+    common::wait_for(
+        "the condition names the store's timeout",
+        Duration::from_secs(150),
+        || async {
+            let sr = get_rotation(&client, &ns, "ai-component").await;
+            let message = sr
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Rotating"))
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            let seen = message.contains("retrying after error") && message.contains("timed out");
+            if seen {
+                *said.lock().unwrap() = message;
+            }
+            seen
+        },
+    )
+    .await;
+    println!(
+        "store silent: the first timeout was reported after {:?}: {}",
+        started.elapsed(),
+        said.lock().unwrap()
+    );
+    assert!(said.lock().unwrap().contains("AwsSecretsManagerError"));
+    proxy.resume(true);
+    wait_phase(&client, &ns, "ai-component", Phase::Succeeded, LONG).await;
+    assert_eq!(
+        aws_stages(&s.aws, &s.aws_name).await.len(),
+        2,
+        "one AWS version"
+    );
+    assert_eq!(s.emu.secret(&s.ibm_id).versions.len(), 2, "one IBM version");
+    assert_eq!(revisions(&client, &ns, "prod-app").await, 2, "one rollout");
+    assert_never_leaked(
+        &client,
+        &ns,
+        &op.logs(),
+        &op.scrape().await,
+        &[&dev_old, &prod_old],
     )
     .await;
 }
