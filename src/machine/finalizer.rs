@@ -30,7 +30,7 @@ pub async fn ensure(v: &mut View) -> Result<()> {
     }
     let mut finalizers = v.sr.metadata.finalizers.clone().unwrap_or_default();
     finalizers.push(FINALIZER.into());
-    patch(v, finalizers).await
+    crate::failpoint::around("add finalizer", patch(v, finalizers)).await
 }
 
 /// Removes the finalizer, letting a deletion proceed.
@@ -46,7 +46,7 @@ pub async fn release(v: &mut View) -> Result<()> {
             .filter(|f| *f != FINALIZER)
             .cloned()
             .collect();
-    patch(v, finalizers).await
+    crate::failpoint::around("remove finalizer", patch(v, finalizers)).await
 }
 
 /// A merge patch of the finalizer list, conditional on the resourceVersion

@@ -167,13 +167,15 @@ impl View {
             .await
     }
 
-    /// Runs a side effect through the leader fence.
+    /// Runs a side effect through the leader fence (and, in a build with
+    /// the `failpoints` feature, between its crash points `before:<what>`
+    /// and `after:<what>`, see `crate::failpoint`).
     pub async fn act<T>(
         &self,
         what: &str,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        self.ctx.fence.run(what, call).await
+        crate::failpoint::around(what, self.ctx.fence.run(what, call)).await
     }
 
     pub fn wal(&self) -> Wal {

@@ -26,7 +26,11 @@ fn keycloak_spec(url: &str, realm: &str) -> Value {
     spec
 }
 
-async fn admin_secret(client: &kube::Client, ns: &str, kc: &common::keycloak::KeycloakServer) {
+pub(crate) async fn admin_secret(
+    client: &kube::Client,
+    ns: &str,
+    kc: &common::keycloak::KeycloakServer,
+) {
     put_secret(
         client,
         ns,
@@ -345,7 +349,7 @@ async fn invalidation_spares_the_slot_when_the_secret_changed_since() {
 }
 
 /// What a proxy in front of Keycloak does with one call.
-enum Proxied {
+pub(crate) enum Proxied {
     Forward,
     /// Answer with this status at once, and forward the call only after
     /// this long (a call that commits late), or never.
@@ -354,7 +358,7 @@ enum Proxied {
 
 /// A proxy to Keycloak that asks `decide` (method, path) what to do with
 /// each call.
-async fn keycloak_proxy(
+pub(crate) async fn keycloak_proxy(
     upstream: String,
     decide: impl Fn(&str, &str) -> Proxied + Clone + Send + Sync + 'static,
 ) -> String {

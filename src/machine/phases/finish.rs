@@ -124,11 +124,12 @@ pub async fn run(v: &mut View, result: Phase) -> Result<Action> {
     announce::finished(v, &summary, event).await;
     // No copy of the value lingers. A failed delete is retried by the
     // next rotation, which replaces the record.
-    if let Err(e) = v.wal().delete().await {
+    let wal = v.wal();
+    if let Err(e) = crate::failpoint::around("delete write-ahead record", wal.delete()).await {
         warn!(error = %e, "could not delete the write-ahead record");
     }
     // A claim left by a failed release is taken over by the next rotation.
-    if let Err(e) = claims::release(v).await {
+    if let Err(e) = crate::failpoint::around("release claims", claims::release(v)).await {
         warn!(error = %e, "could not release the rotation's claims");
     }
     Ok(Action::requeue(v.ctx.poll))

@@ -20,7 +20,8 @@ pub async fn run(v: &mut View) -> Result<Action> {
     // its write-ahead record would leave values behind until the next
     // rotation: the first idle look of each process deletes any leftover.
     if v.ctx.first_idle_look(&v.namespace, &v.name) {
-        v.wal().delete().await?;
+        let wal = v.wal();
+        crate::failpoint::around("sweep write-ahead record", wal.delete()).await?;
     }
     let request = decide::rotation_request(
         &v.sr.spec,

@@ -18,7 +18,8 @@ pub async fn step(v: &mut View) -> Result<Outcome> {
     let mut things = claims(&v.sr.spec, &v.namespace);
     things.sort();
     things.dedup();
-    if let Some(waiting) = claim::acquire(v, &things).await? {
+    let acquire = claim::acquire(v, &things);
+    if let Some(waiting) = crate::failpoint::around("claim", acquire).await? {
         return Ok(Outcome::Waiting(waiting));
     }
     let spec = &v.sr.spec;

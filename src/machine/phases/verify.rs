@@ -6,6 +6,7 @@ use crate::error::Result;
 
 pub async fn step(v: &mut View) -> Result<Outcome> {
     let value = v.new_value().await?;
-    v.source()?.verify(&value).await?;
+    let source = v.source()?;
+    crate::failpoint::around("verify", source.verify(&value)).await?;
     Ok(Outcome::Done)
 }

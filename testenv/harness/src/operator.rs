@@ -25,6 +25,8 @@ pub struct Operator {
     /// Distinguishes operators in one namespace (log file names).
     id: u32,
     extra_args: Vec<String>,
+    /// Extra environment of the next start (see `set_env`).
+    env: Vec<(String, String)>,
 }
 
 impl Operator {
@@ -50,10 +52,23 @@ impl Operator {
         kubeconfig: PathBuf,
         extra_args: &[&str],
     ) -> Operator {
-        let mut op = Operator {
+        let mut op = Self::unstarted(bin, c, namespace, kubeconfig, extra_args);
+        op.spawn();
+        op
+    }
+
+    fn unstarted(
+        bin: impl AsRef<Path>,
+        c: &Cluster,
+        namespace: &str,
+        kubeconfig: PathBuf,
+        extra_args: &[&str],
+    ) -> Operator {
+        Operator {
             bin: bin.as_ref().to_path_buf(),
             id: rand::random::<u32>() % 1_000_000,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            env: vec![],
             child: None,
             log: PathBuf::new(),
             metrics_port: free_port(),
@@ -62,9 +77,7 @@ impl Operator {
             pgid: c.process_group(),
             restarts: 0,
             dir: c.dir.clone(),
-        };
-        op.spawn();
-        op
+        }
     }
 
     fn spawn(&mut self) {
@@ -96,6 +109,7 @@ impl Operator {
                 }),
             )
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -111,6 +125,35 @@ impl Operator {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts `bin run` like [`Operator::start`], with `env` added to its
+    /// environment (e.g. `REKEY_FAILPOINT`, see src/failpoint.rs).
+    pub fn start_with_env(
+        bin: impl AsRef<Path>,
+        c: &Cluster,
+        namespace: &str,
+        env: &[(&str, &str)],
+    ) -> Operator {
+        let mut op = Self::unstarted(bin, c, namespace, c.kubeconfig.clone(), &[]);
+        op.set_env(env);
+        op.spawn();
+        op
+    }
+
+    /// The extra environment of the next (re)start, replacing the last one.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Whether the process has ended on its own (a crash), without waiting.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// Starts it again after `kill`.
