@@ -566,6 +566,83 @@ async fn an_operator_crash_right_after_opening_a_change_opens_no_second_one() {
     assert_eq!(closed[0].number, emu.changes()[0].number());
 }
 
+/// A webhook source: issues `value`, counts invalidations.
+async fn source_server(value: String) -> (String, Arc<Mutex<usize>>) {
+    use axum::routing::post;
+    let invalidations = Arc::new(Mutex::new(0));
+    let counted = invalidations.clone();
+    let app = axum::Router::new()
+        .route(
+            "/issue",
+            post(move || async move { axum::Json(json!({"value": value})) }),
+        )
+        .route(
+            "/invalidate",
+            post(move || async move {
+                *counted.lock().unwrap() += 1;
+                "ok"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, invalidations)
+}
+
+/// A change cancelled while the rotation acts (here during the rollout)
+/// ends the rotation before invalidation: the new value stays in use, the
+/// old one is never invalidated.
+#[tokio::test]
+async fn a_change_cancelled_mid_rotation_ends_it_without_invalidation() {
+    let (c, client, ns) = common::setup("change-cancelled").await;
+    let (emu, _, _) = three_environments(c, &client, &ns).await;
+    let new = common::canary("new");
+    let (url, invalidations) = source_server(new.clone()).await;
+    block_new_pods(&client, &ns, 2).await;
+    let _op = Operator::start(REKEY, c, &ns);
+    let mut spec = spec(webhook_credential(&url), servicenow(&emu.url));
+    spec["proof"]["timeout"] = json!("100s");
+    create_rotation(&client, &ns, NAME, spec).await;
+    let (stage, prod) = changes_requested(&emu).await;
+    emu.approve(&stage);
+    emu.approve(&prod);
+    wait_phase(&client, &ns, NAME, Phase::AwaitingRollout, LONG).await;
+    // The prod change is withdrawn while the rollout runs.
+    emu.cancel(&prod);
+    Api::<ResourceQuota>::namespaced(client.clone(), &ns)
+        .delete("pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    let sr = wait_phase(&client, &ns, NAME, Phase::Failed, LONG).await;
+    let (reason, message) = failure_reason(&sr);
+    assert_eq!(reason, "ChangeRejected");
+    assert!(
+        message.contains(&prod) && message.contains("before the old value was invalidated"),
+        "{message}"
+    );
+    let failure = sr.status.unwrap().last_rotation.unwrap().failure.unwrap();
+    assert_eq!(failure.phase, Phase::Invalidating);
+    assert_eq!(
+        *invalidations.lock().unwrap(),
+        0,
+        "the old value was invalidated"
+    );
+    assert_eq!(
+        Stores::read(&client, &ns).await,
+        [
+            Some(new.clone()),
+            Some(new.clone()),
+            Some(new.clone()),
+            Some(new)
+        ]
+    );
+    // The stage change is closed as unsuccessful; the cancelled one stays so.
+    let stage_change = emu.change_for("stage").unwrap();
+    assert_eq!(stage_change.state(), snow::CLOSED);
+    assert_eq!(stage_change.get("close_code"), "unsuccessful");
+    assert_eq!(emu.change_for("prod").unwrap().state(), snow::CANCELED);
+}
+
 /// The generic webhook contract (docs/sources.md), served by a small test
 /// server: open (idempotent by correlation id), read, start, close.
 #[derive(Default)]

@@ -11,7 +11,8 @@
 //! - `hold_invalidation` (Invalidating, before the old value is touched):
 //!   when a change window closed during the rotation, the proof is finished
 //!   but the invalidation waits until the window is extended (the new value
-//!   is in use everywhere, the old one stays valid).
+//!   is in use everywhere, the old one stays valid); a change cancelled or
+//!   rejected meanwhile ends the rotation there, without invalidation.
 //! - `close` (at the end): closes each change with the result and the phase
 //!   timeline; a failure to close is reported, never fatal.
 
@@ -255,19 +256,29 @@ pub async fn hold_invalidation(v: &mut View) -> Result<Option<Outcome>> {
         let change = v.act("read change request", system.read(&id)).await?;
         record(&mut v.rotation_mut().changes[i], &change);
         let entry = &v.rotation().changes[i];
+        if change.ended || change.standing == Standing::Rejected {
+            // Withdrawn: the rotation ends here, the old value valid.
+            return Err(Error::permanent(
+                Reason::ChangeRejected,
+                format!(
+                    "change request {} is {} (approval {}) before the old value was invalidated: the old value stays valid, the new value is in use in every environment",
+                    label(entry),
+                    entry.state,
+                    entry.approval
+                ),
+            ));
+        }
         if let Some(end) = change.window_end
             && v.now > end
         {
             closed.push(format!("{} closed at {end}", label(entry)));
-        } else if change.ended || change.standing == Standing::Rejected {
-            closed.push(format!("{} is {}", label(entry), entry.state));
         }
     }
     if closed.is_empty() {
         return Ok(None);
     }
     Ok(Some(Outcome::Waiting(format!(
-        "invalidation held: the change window of {}. The new value is proven in use everywhere and the old value stays valid; extend the change window to invalidate it, or invalidate by hand",
+        "invalidation held: the change window of {}. The new value is proven in use everywhere and the old value stays valid; extend the change window to invalidate it, or cancel the change to end the rotation without invalidating",
         closed.join(", ")
     ))))
 }
