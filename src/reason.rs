@@ -122,8 +122,9 @@ reasons! {
     /// The proof succeeded but the old value could not be invalidated.
     InvalidationFailed: PerError,
     // Change requests (`approval.changeRequests`).
-    /// A change request was rejected, cancelled or closed before the
-    /// rotation acted: nothing was changed, in any environment.
+    /// A change request was rejected, cancelled or closed: before the
+    /// rotation acted (nothing was changed, in any environment), or while it
+    /// acted (it ends before the invalidation).
     ChangeRejected: Never,
     /// A change was approved only after its change window ended: the
     /// approval is refused, nothing was changed.
