@@ -278,6 +278,33 @@ async fn api_server_rejects_invalid_specs_with_readable_messages() {
         &|v| v["targets"][0]["kubernetesSecret"]["key"] = json!("client secret"),
         "spec.targets[0].kubernetesSecret.key",
     );
+    let servicenow = json!({"instanceUrl": "https://example.service-now.com", "credentialsSecretRef": {"name": "snow"}});
+    case(
+        "change-for-an-unknown-environment",
+        &|v| {
+            v["targets"][0]["environment"] = json!("stage");
+            v["approval"] = json!({"changeRequests": {"environments": ["prod"], "serviceNow": servicenow.clone()}});
+        },
+        "must be the environment of a target or of a proof.clusters entry",
+    );
+    case(
+        "change-system-missing",
+        &|v| {
+            v["targets"][0]["environment"] = json!("prod");
+            v["approval"] = json!({"changeRequests": {"environments": ["prod"]}});
+        },
+        "exactly one of serviceNow, webhook",
+    );
+    case(
+        "standard-change-without-template",
+        &|v| {
+            v["targets"][0]["environment"] = json!("prod");
+            let mut sn = servicenow.clone();
+            sn["type"] = json!("Standard");
+            v["approval"] = json!({"changeRequests": {"environments": ["prod"], "serviceNow": sn}});
+        },
+        "Standard needs standardTemplateId",
+    );
     assert!(cases.len() >= 10);
     for (name, spec, want) in cases {
         let err = create(&api, name, spec)
