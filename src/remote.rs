@@ -35,11 +35,14 @@ pub struct Remote {
     pub server: String,
 }
 
+/// A kubeconfig Secret: namespace, name, key.
+type SecretKey = (String, String, String);
+
 /// Clients per kubeconfig Secret, shared by every reconcile.
 #[derive(Default)]
 pub struct RemoteClients {
-    /// (namespace, Secret, key) → (fingerprint of the kubeconfig, client).
-    cache: Mutex<HashMap<(String, String, String), (String, Remote)>>,
+    /// Per Secret: the fingerprint of the kubeconfig, and its client.
+    cache: Mutex<HashMap<SecretKey, (String, Remote)>>,
 }
 
 impl RemoteClients {
