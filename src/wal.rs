@@ -9,6 +9,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::{Client, Resource};
+use zeroize::Zeroize;
 
 use crate::crd::SecretRotation;
 use crate::error::{Error, Result};
@@ -60,7 +61,10 @@ impl Wal {
         else {
             return Ok(None);
         };
-        let data = secret.data.unwrap_or_default();
+        // The parsed bytes are wiped when dropped (`Wiped`): what is kept is
+        // in SecretValues.
+        let data = Wiped(secret.data.unwrap_or_default());
+        let data = &data.0;
         let text = |k: &str| data.get(k).and_then(|b| SecretValue::from_bytes(&b.0));
         if text(ROTATION_KEY)
             .map(|v| v.expose().to_string())
@@ -111,7 +115,7 @@ impl Wal {
     }
 
     async fn apply(&self, sr: &SecretRotation, record: &Record, dry_run: bool) -> Result<()> {
-        let mut data = BTreeMap::from([
+        let mut data = Wiped(BTreeMap::from([
             (
                 ROTATION_KEY.to_string(),
                 ByteString(record.rotation_id.as_bytes().to_vec()),
@@ -120,9 +124,9 @@ impl Wal {
                 NEW_KEY.to_string(),
                 ByteString(record.new.expose().as_bytes().to_vec()),
             ),
-        ]);
+        ]));
         for (target, value) in &record.previous {
-            data.insert(
+            data.0.insert(
                 format!("{PREVIOUS_PREFIX}{target}"),
                 ByteString(value.expose().as_bytes().to_vec()),
             );
@@ -143,14 +147,17 @@ impl Wal {
                 owner_references: Some(vec![owner]),
                 ..Default::default()
             },
-            data: Some(data),
+            data: Some(std::mem::take(&mut data.0)),
             type_: Some("Opaque".into()),
             ..Default::default()
         };
+        // The record's bytes are wiped once sent (or refused); the JSON body
+        // kube-rs serialized from them is its own (docs/secrets.md).
+        let secret = WipedSecret(secret);
         let mut params = PatchParams::apply("rekey").force();
         params.dry_run = dry_run;
         self.api
-            .patch(&self.name, &params, &Patch::Apply(&secret))
+            .patch(&self.name, &params, &Patch::Apply(&secret.0))
             .await
             .map_err(|e| Error::kube("write write-ahead record", e))?;
         Ok(())
@@ -163,5 +170,49 @@ impl Wal {
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(Error::kube("delete write-ahead record", e)),
         }
+    }
+}
+
+/// Secret data whose bytes are wiped when dropped.
+struct Wiped(BTreeMap<String, ByteString>);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// A Secret whose data bytes are wiped when dropped.
+struct WipedSecret(Secret);
+
+impl Drop for WipedSecret {
+    fn drop(&mut self) {
+        if let Some(data) = &mut self.0.data {
+            wipe(data);
+        }
+    }
+}
+
+fn wipe(data: &mut BTreeMap<String, ByteString>) {
+    for v in data.values_mut() {
+        v.0.zeroize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_bytes_are_wiped() {
+        let value = b"canary-wal-9d1e".to_vec();
+        let mut data = BTreeMap::from([(NEW_KEY.to_string(), ByteString(value))]);
+        wipe(&mut data);
+        assert!(data.values().all(|v| v.0.is_empty()));
+        let secret = WipedSecret(Secret {
+            data: Some(data),
+            ..Default::default()
+        });
+        drop(secret);
     }
 }

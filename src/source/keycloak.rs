@@ -121,6 +121,9 @@ impl Keycloak {
             .form(&form)
             .send()
             .await;
+        // The form's copies of the admin credentials, wiped once sent.
+        let mut form = form;
+        crate::value::wipe_form(&mut form);
         self.observe(
             "admin_token",
             started,
@@ -493,7 +496,9 @@ impl CredentialSource for Keycloak {
             self.admin(Method::POST, &path, "regenerate_client_secret")
                 .await?
         };
-        secret["value"]
+        // The parsed answer is wiped once the value is taken from it.
+        let secret = crate::value::WipedJson(secret);
+        secret.0["value"]
             .as_str()
             .filter(|v| !v.is_empty())
             .map(SecretValue::new)

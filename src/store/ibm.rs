@@ -319,14 +319,18 @@ impl IbmSecretsManagerStore {
 
     async fn current(&self) -> Result<Current> {
         let id = self.secret_id().await?;
-        let secret = self
-            .call(
+        // The parsed answer is wiped when dropped; the value is kept in a
+        // SecretValue (and a kv secret's data for the next version's body).
+        let secret = crate::value::WipedJson(
+            self.call(
                 Method::GET,
                 &format!("/api/v2/secrets/{id}"),
                 "get_secret",
                 None,
             )
-            .await?;
+            .await?,
+        );
+        let secret = &secret.0;
         let secret_type = secret["secret_type"]
             .as_str()
             .unwrap_or_default()
@@ -401,7 +405,12 @@ fn map_status(status: StatusCode, call: &str, target: &IbmSecretsManagerTarget) 
 #[async_trait]
 impl Store for IbmSecretsManagerStore {
     async fn read_current(&self) -> Result<Option<SecretValue>> {
-        Ok(self.current().await?.value)
+        let mut current = self.current().await?;
+        // A kv secret's other keys are not needed here: wiped.
+        if let Some(data) = &mut current.data {
+            data.values_mut().for_each(crate::value::wipe_json);
+        }
+        Ok(current.value)
     }
 
     async fn write(&self, value: &SecretValue, rotation_id: &str) -> Result<String> {
@@ -415,7 +424,8 @@ impl Store for IbmSecretsManagerStore {
         }
         let current = self.current().await?;
         let metadata = json!({ ROTATION_METADATA_KEY: rotation_id });
-        let body = match current.secret_type.as_str() {
+        // The request body is wiped when dropped, sent or not.
+        let body = crate::value::WipedJson(match current.secret_type.as_str() {
             "kv" => {
                 let mut data = current.data.unwrap_or_default();
                 data.insert(
@@ -428,13 +438,13 @@ impl Store for IbmSecretsManagerStore {
                 json!({"password": value.expose(), "version_custom_metadata": metadata})
             }
             _ => json!({"payload": value.expose(), "version_custom_metadata": metadata}),
-        };
+        });
         let created = self
             .call(
                 Method::POST,
                 &format!("/api/v2/secrets/{id}/versions"),
                 "create_version",
-                Some(&body),
+                Some(&body.0),
             )
             .await?;
         // A new version is the current one once created (IBM's version

@@ -20,6 +20,7 @@ mod ha;
 mod herds;
 mod hostile;
 mod keycloak;
+mod leaks;
 mod machine;
 mod multicluster;
 mod packaging;
