@@ -7,7 +7,8 @@
 //! canary's tag and where it was found, never the value.
 //!
 //! The totals (operators scanned, canaries registered, hits, bytes and
-//! objects scanned, time spent) go to `target/reliability/canary.json`.
+//! objects scanned, time spent) go to `target/reliability/canary.json`,
+//! summed over the test processes of the current run (see [`record`]).
 
 use std::sync::Mutex;
 
@@ -138,11 +139,13 @@ pub struct Scanned {
     pub millis: f64,
 }
 
-/// Adds one operator's scan to this process's totals and writes them to
-/// `target/reliability/canary.json` (the totals of the last test process
-/// that scanned; one `it` binary runs the suite).
+/// Adds one operator's scan to this process's totals, writes them to
+/// `target/reliability/canary-runs/<pid>.json`, and sums the files there
+/// into `target/reliability/canary.json`: test processes running side by
+/// side each add theirs; files of processes that ended are dropped by the
+/// next process's first scan, so the sum is the current run's.
 pub fn record(s: Scanned) {
-    let figures = {
+    let mine = {
         let mut t = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
         t.operators += 1;
         t.log_bytes += s.log_bytes;
@@ -171,18 +174,65 @@ pub fn record(s: Scanned) {
             "operators_without_api_scan": t.not_scanned_api,
             "scan_ms_total": (t.scan_ms_total * 10.0).round() / 10.0,
             "scan_ms_max": (t.scan_ms_max * 10.0).round() / 10.0,
-            "process": std::process::id(),
-            "measured_at": jiff::Timestamp::now().to_string(),
         })
     };
     let dir = crate::repo_root().join("target/reliability");
-    let _ = std::fs::create_dir_all(&dir);
-    // Written whole to a file of this process, then renamed: a reader never
-    // sees half a file.
-    let tmp = dir.join(format!(".canary-{}.json", std::process::id()));
-    if std::fs::write(&tmp, serde_json::to_string_pretty(&figures).unwrap()).is_ok() {
-        let _ = std::fs::rename(&tmp, dir.join("canary.json"));
+    let runs = dir.join("canary-runs");
+    static PRUNED: std::sync::Once = std::sync::Once::new();
+    PRUNED.call_once(|| {
+        for f in std::fs::read_dir(&runs).into_iter().flatten().flatten() {
+            let pid = f
+                .path()
+                .file_stem()
+                .and_then(|p| p.to_str()?.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    });
+    let _ = std::fs::create_dir_all(&runs);
+    let pid = std::process::id();
+    // Whole files only (written aside, then renamed): a reader never sees
+    // half of one.
+    let write = |path: std::path::PathBuf, v: &serde_json::Value| {
+        let tmp = dir.join(format!(".canary-{pid}.tmp"));
+        if std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap()).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    };
+    write(runs.join(format!("{pid}.json")), &mine);
+    let mut sum = serde_json::Map::new();
+    let mut processes = 0;
+    for f in std::fs::read_dir(&runs).into_iter().flatten().flatten() {
+        let Some(serde_json::Value::Object(run)) = std::fs::read_to_string(f.path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        else {
+            continue;
+        };
+        processes += 1;
+        for (k, v) in run {
+            let v = v.as_f64().unwrap_or_default();
+            let e = sum.entry(k.clone()).or_insert(serde_json::json!(0.0));
+            let acc = e.as_f64().unwrap_or_default();
+            *e = serde_json::json!(if k == "scan_ms_max" {
+                acc.max(v)
+            } else {
+                acc + v
+            });
+        }
     }
+    for v in sum.values_mut() {
+        if let Some(n) = v.as_f64().filter(|n| n.fract() == 0.0) {
+            *v = serde_json::json!(n as u64);
+        }
+    }
+    sum.insert("test_processes".into(), serde_json::json!(processes));
+    sum.insert(
+        "measured_at".into(),
+        serde_json::json!(jiff::Timestamp::now().to_string()),
+    );
+    write(dir.join("canary.json"), &serde_json::Value::Object(sum));
 }
 
 #[cfg(test)]
