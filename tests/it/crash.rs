@@ -986,11 +986,11 @@ async fn crash_at_every_side_effect_completes_the_rotation_exactly_once() {
         .unwrap_or(10);
     let cases = cases(full);
     let bin = failpoint_binary(c);
-    // REKEY_CRASH_ONLY=<text>[,<text>]: only the points whose "case point"
+    // REKEY_CRASH_ONLY=<text>[;<text>]: only the points whose "case point"
     // contains one of them (to re-run one).
     let only: Vec<String> = std::env::var("REKEY_CRASH_ONLY")
         .unwrap_or_default()
-        .split(',')
+        .split(';')
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
@@ -1067,6 +1067,7 @@ async fn crash_at_every_side_effect_completes_the_rotation_exactly_once() {
                 "store": format!("{:?}", case.store),
                 "ending": format!("{:?}", case.ending),
                 "failpoints": mine.len(),
+                "effects": case.covered_effects(full),
                 "passed": mine.iter().filter(|r| r.outcome.is_ok()).count(),
             })
         })
@@ -1078,11 +1079,11 @@ async fn crash_at_every_side_effect_completes_the_rotation_exactly_once() {
         "passed": passed,
         "wall_seconds": wall,
         "cases": per_case,
-        "rows": rows.iter().map(|r| json!({
-            "case": r.case, "point": r.point, "seconds": r.seconds,
-            "ok": r.outcome.is_ok(),
-            "outcome": match &r.outcome { Ok(t) => t, Err(e) => e },
-        })).collect::<Vec<_>>(),
+        "slowest_point_seconds": rows.iter().map(|r| r.seconds).fold(0.0, f64::max),
+        "failed": rows
+            .iter()
+            .filter_map(|r| r.outcome.as_ref().err().map(|e| format!("{} {}: {e}", r.case, r.point)))
+            .collect::<Vec<_>>(),
     });
     let dir = common::repo_root().join("target/reliability");
     std::fs::create_dir_all(&dir).unwrap();
