@@ -36,17 +36,17 @@ use crate::reason::Reason;
 
 const LEASE_NAME: &str = "rekey-leader";
 /// How long a renewal holds the lease (default of `--leader-lease-duration`).
-pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+pub const LEASE_DURATION: Duration = Duration::from_secs(10);
 /// A leader that could not renew for this long steps down (2/3 of the lease;
 /// default of `--leader-renew-deadline`).
-pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(6);
 /// How often the leader renews and candidates look (default of
 /// `--leader-retry-period`).
 pub const RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// The longest a fenced side effect may take (default of
 /// `--leader-call-timeout`; derived from the other three, see
 /// [`Timings::derive_call_timeout`]).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(8);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// The leader election's durations, checked against each other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ impl Default for Timings {
 impl Timings {
     /// The call timeout when none is given: what the lease leaves after the
     /// renew deadline, plus one and a half retry periods (8 s for the
-    /// defaults 15 s / 10 s / 2 s).
+    /// defaults 10 s / 6 s / 2 s).
     pub fn derive_call_timeout(lease: Duration, renew: Duration, retry: Duration) -> Duration {
         lease.saturating_sub(renew) + retry.mul_f64(1.5)
     }
@@ -357,8 +357,8 @@ mod tests {
     #[test]
     fn a_candidate_waits_a_full_lease_of_its_own_observation() {
         let d = LEASE_DURATION;
-        assert!(!may_take(Some("a"), Duration::from_secs(14), d));
-        assert!(may_take(Some("a"), Duration::from_secs(15), d));
+        assert!(!may_take(Some("a"), d - Duration::from_secs(1), d));
+        assert!(may_take(Some("a"), d, d));
         assert!(may_take(None, Duration::ZERO, d), "nobody holds it");
         assert!(may_take(Some(""), Duration::ZERO, d), "released");
     }

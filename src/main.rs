@@ -64,11 +64,11 @@ enum Command {
         leader_election_namespace: Option<String>,
         /// How long a leader's renewal holds the lease; a standby takes it
         /// after seeing it unrenewed this long.
-        #[arg(long, env = "REKEY_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+        #[arg(long, env = "REKEY_LEADER_LEASE_DURATION", default_value = "10s", value_parser = parse_duration)]
         leader_lease_duration: Duration,
         /// A leader that could not renew for this long exits (shorter than
         /// the lease duration).
-        #[arg(long, env = "REKEY_LEADER_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, env = "REKEY_LEADER_RENEW_DEADLINE", default_value = "6s", value_parser = parse_duration)]
         leader_renew_deadline: Duration,
         /// How often the leader renews and a standby looks (shorter than
         /// the renew deadline).

@@ -6,7 +6,7 @@
 //! provider (a webhook) and AWS Secrets Manager (moto). Every rotation ends
 //! Succeeded with one issue, one new value per store, one rollout and one
 //! invalidation after the proof. Then one more rotation whose leader is
-//! killed, with the default timings (15 s lease). The handover times are
+//! killed, with the default timings (10 s lease). The handover times are
 //! measured, printed and written to `target/reliability/ha.json`; only a
 //! generous bound is asserted.
 
@@ -32,7 +32,7 @@ use serde_json::json;
 const NAME: &str = "app-secret";
 const AWS_KEY: &str = "AKIAREKEYTEST0000001";
 const AWS_SECRET: &str = "rekey-test-secret-access-key";
-/// The lease in this test (the default is 15 s).
+/// The lease in this test (the default is 10 s).
 const LEASE: Duration = Duration::from_secs(3);
 /// Forced handovers, cycling through the modes.
 const HANDOVERS: usize = 21;
@@ -344,7 +344,7 @@ async fn twenty_forced_handovers_mid_rotation_issue_write_roll_out_and_invalidat
     let started = Instant::now();
     let mut retired: Vec<Replica> = vec![];
     // The forced handovers on the 3 s lease, then one rotation whose leader
-    // is killed with the default timings (15 s lease).
+    // is killed with the default timings (10 s lease).
     while handovers.len() < HANDOVERS + 1 {
         let default_round = handovers.len() == HANDOVERS;
         if default_round {
@@ -413,7 +413,7 @@ async fn twenty_forced_handovers_mid_rotation_issue_write_roll_out_and_invalidat
                 rotation: rotations,
                 phase,
                 seconds: took.as_secs_f64(),
-                lease: if default_round { 15 } else { 3 },
+                lease: if default_round { 10 } else { 3 },
             });
         }
         let waited = Instant::now();
@@ -547,7 +547,7 @@ async fn twenty_forced_handovers_mid_rotation_issue_write_roll_out_and_invalidat
     let invalidate_calls = webhook.lock().unwrap().invalidated.len();
     let issue_calls = webhook.lock().unwrap().issued.len();
     println!(
-        "{} handovers ({} mid-rotation; kill {}, stop {}, cut {}) over {rotations} rotations in {:.0}s: median {median:.2}s, max {max:.2}s; {unforced} replica exits not forced; {issue_calls} issue and {invalidate_calls} invalidate calls for {rotations} rotations; with the default 15 s lease a killed leader was replaced in {:.2}s",
+        "{} handovers ({} mid-rotation; kill {}, stop {}, cut {}) over {rotations} rotations in {:.0}s: median {median:.2}s, max {max:.2}s; {unforced} replica exits not forced; {issue_calls} issue and {invalidate_calls} invalidate calls for {rotations} rotations; with the default 10 s lease a killed leader was replaced in {:.2}s",
         handovers.len(),
         mid,
         by_mode(Mode::Kill),
@@ -570,7 +570,7 @@ async fn twenty_forced_handovers_mid_rotation_issue_write_roll_out_and_invalidat
         "issue_calls": issue_calls,
         "invalidate_calls": invalidate_calls,
         "handover_seconds": {"median": round2(median), "max": round2(max), "all": handovers.iter().map(|h| round2(h.seconds)).collect::<Vec<_>>()},
-        "default_lease_kill": {"lease_seconds": 15, "phase_when_forced": on_default.phase, "handover_seconds": round2(on_default.seconds)},
+        "default_lease_kill": {"lease_seconds": 10, "phase_when_forced": on_default.phase, "handover_seconds": round2(on_default.seconds)},
         "wall_seconds": round2(wall.as_secs_f64()),
     });
     let dir = common::repo_root().join("target/reliability");

@@ -150,8 +150,8 @@ fn chart_defaults_are_safe() {
     };
     let elected_args = args(deployment);
     for flag in [
-        "--leader-lease-duration=15s",
-        "--leader-renew-deadline=10s",
+        "--leader-lease-duration=10s",
+        "--leader-renew-deadline=6s",
         "--leader-retry-period=2s",
     ] {
         assert!(elected_args.contains(flag), "{elected_args}");

@@ -361,12 +361,18 @@ async fn external_secret_that_never_syncs_fails_without_invalidation_and_rolls_b
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "SyncTimeout")
     );
-    assert!(
-        event_notes(&client, &ns, "app-secret")
-            .await
-            .iter()
-            .any(|(r, _)| r == "RotationFailed")
-    );
+    // Events are recorded after the status write: waited for, not assumed.
+    common::wait_for(
+        "the RotationFailed Event",
+        Duration::from_secs(30),
+        || async {
+            event_notes(&client, &ns, "app-secret")
+                .await
+                .iter()
+                .any(|(r, _)| r == "RotationFailed")
+        },
+    )
+    .await;
     assert_never_leaked(&client, &ns, &op.logs(), &op.scrape().await, &[&old, &new]).await;
 }
 
