@@ -257,9 +257,9 @@ impl View {
         waiting_for: Option<String>,
     ) {
         let item = ProofItem {
+            cluster: place.cluster_name().into(),
             kind: kind.into(),
             name: name.into(),
-            cluster: place.cluster_name().into(),
             proven: waiting_for.is_none(),
             waiting_for: waiting_for.unwrap_or_default(),
         };
