@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ns=rekey-demo
-say() { printf '%(%H:%M:%S)T  %s\n' -1 "$*"; }
+# shellcheck source=scripts/follow.sh
+. scripts/follow.sh
 ./scripts/cluster.sh up >/dev/null
 REKEY_CLUSTER_DIR=.cluster-stage ./scripts/cluster.sh up >/dev/null
 # shellcheck source=/dev/null
@@ -80,18 +81,7 @@ say "stage reachable from dev through Secret stage-kubeconfig (ServiceAccount re
 
 kdev -n $ns apply -f examples/demo/secretrotation-multicluster.yaml >/dev/null
 say "SecretRotation ai-component-client-secret applied; following it:"
-last=""
-result=""
-for _ in $(seq 1 900); do
-  IFS=$'\t' read -r phase msg < <(kdev -n $ns get secretrotation ai-component-client-secret \
-    -o jsonpath='{.status.phase}{"\t"}{.status.conditions[?(@.type=="Rotating")].message}{"\n"}' 2>/dev/null || true)
-  if [[ -n ${phase:-} && $phase != "$last" ]]; then
-    say "  phase $phase  ($msg)"
-    last=$phase
-  fi
-  case "${phase:-}" in Succeeded|Failed) result=$phase; break ;; esac
-  sleep 0.2
-done
+follow $ns ai-component-client-secret --kubeconfig "$dev"
 echo
 KUBECONFIG=$dev target/debug/kubectl-rekey -n $ns status ai-component-client-secret
 echo

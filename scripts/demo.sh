@@ -9,7 +9,8 @@ ns=rekey-demo
 ./scripts/cluster.sh up >/dev/null
 # shellcheck source=/dev/null
 . .cluster/env
-say() { printf '%(%H:%M:%S)T  %s\n' -1 "$*"; }
+# shellcheck source=scripts/follow.sh
+. scripts/follow.sh
 
 say "cluster up: $(kubectl version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
 kubectl apply --server-side --force-conflicts -f crds/secretrotation.yaml >/dev/null
@@ -56,18 +57,7 @@ say "namespace $ns: ExternalSecret app-creds synced, Deployment ai-component 3/3
 
 kubectl -n $ns apply -f examples/demo/secretrotation.yaml >/dev/null
 say "SecretRotation ai-component-client-secret applied; following it:"
-last=""
-result=""
-for _ in $(seq 1 600); do
-  IFS=$'\t' read -r phase msg < <(kubectl -n $ns get secretrotation ai-component-client-secret \
-    -o jsonpath='{.status.phase}{"\t"}{.status.conditions[?(@.type=="Rotating")].message}{"\n"}' 2>/dev/null || true)
-  if [[ -n ${phase:-} && $phase != "$last" ]]; then
-    say "  phase $phase  ($msg)"
-    last=$phase
-  fi
-  case "${phase:-}" in Succeeded|Failed) result=$phase; break ;; esac
-  sleep 0.2
-done
+follow $ns ai-component-client-secret
 echo
 say "timeline (from the Events rekey emitted):"
 kubectl -n $ns get events --field-selector involvedObject.name=ai-component-client-secret \

@@ -83,7 +83,13 @@ fn start_in(dir: PathBuf, opts: Options) -> Result<Cluster, String> {
 /// The shared cluster of this test process (default [`Options`]), started on
 /// first use. Tests on it stay in their own namespaces.
 pub fn cluster() -> &'static Cluster {
-    let started = SHARED.get_or_init(|| start_in(run_dir().join("shared"), Options::default()));
+    // Room for every test's pods at once (the crash matrix alone keeps about
+    // 200): kwok Nodes cost nothing, and a full Node leaves pods Pending.
+    let opts = Options {
+        pods_per_node: 1000,
+        ..Options::default()
+    };
+    let started = SHARED.get_or_init(|| start_in(run_dir().join("shared"), opts));
     match started {
         Ok(c) => c,
         Err(e) => panic!("test environment failed to start: {e}"),
