@@ -31,7 +31,10 @@ unit:
 	$(CARGO) test --locked --lib --bins
 
 integration: testenv
-	$(CARGO) test --locked --test it -- --test-threads=8
+	$(CARGO) test --locked --test it -- --test-threads=8 --skip ha::
+	@# The leader-handover test measures handover times on a 3 s lease: run alone,
+	@# not beside a hundred other tests on two cores (which starve the lease).
+	$(CARGO) test --locked --test it ha:: -- --test-threads=1
 
 crash-matrix-full: testenv ## crash the operator at every side effect of every source × store × ending (slow; the default run covers pairs)
 	REKEY_CRASH_MATRIX=full $(CARGO) test --locked --test it crash:: -- --nocapture
